@@ -1,0 +1,43 @@
+// pybind11 module hierfast._C: CPU kernels. Arguments are raw addresses
+// (tensor.data_ptr()), element strides and dtype codes; Python validates them.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include "hierfast/cpu_kernels.h"
+
+namespace py = pybind11;
+using hierfast::DType;
+
+namespace {
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "hierfast CPU kernels (C++17/OpenMP, no libtorch)";
+  m.def(
+      "gram_epilogue",
+      [](uintptr_t gram, int in_dtype, int64_t n, int64_t s0, int64_t s1, uintptr_t out,
+         int out_dtype, uintptr_t rowsum, uintptr_t total, bool unbiased) {
+        py::gil_scoped_release nogil;
+        hierfast::cpu::gram_epilogue(ptr<const void>(gram), DType(in_dtype), n, s0, s1,
+                                     ptr<void>(out), DType(out_dtype), ptr<double>(rowsum),
+                                     ptr<double>(total), unbiased);
+      },
+      py::arg("gram"), py::arg("in_dtype"), py::arg("n"), py::arg("s0"), py::arg("s1"),
+      py::arg("out"), py::arg("out_dtype"), py::arg("rowsum"), py::arg("total"),
+      py::arg("unbiased"));
+  m.def(
+      "center_columns",
+      [](uintptr_t x, int in_dtype, int64_t n, int64_t d, int64_t s0, int64_t s1, uintptr_t out,
+         int out_dtype, uintptr_t mean) {
+        py::gil_scoped_release nogil;
+        hierfast::cpu::center_columns(ptr<const void>(x), DType(in_dtype), n, d, s0, s1,
+                                      ptr<void>(out), DType(out_dtype), ptr<double>(mean));
+      },
+      py::arg("x"), py::arg("in_dtype"), py::arg("n"), py::arg("d"), py::arg("s0"), py::arg("s1"),
+      py::arg("out"), py::arg("out_dtype"), py::arg("mean"));
+  m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+  m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
+  m.attr("compiled_with_openmp") = true;
+}

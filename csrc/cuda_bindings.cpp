@@ -1,0 +1,54 @@
+// pybind11 module hierfast._C_cuda: host launchers of the CUDA kernels. Linked with
+// the static CUDA runtime, so importing works on machines without a GPU; launch
+// errors come back as RuntimeError with CUDA's message.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "hierfast/cuda_kernels.h"
+
+namespace py = pybind11;
+using hierfast::DType;
+
+namespace {
+void check(const std::string& err) {
+  if (!err.empty()) throw std::runtime_error("hierfast CUDA kernel failed: " + err);
+}
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "hierfast CUDA kernels (static cudart, no libtorch)";
+  m.def(
+      "gram_epilogue",
+      [](uintptr_t gram, int in_dtype, int64_t n, int64_t s0, int64_t s1, uintptr_t out,
+         int out_dtype, uintptr_t rowsum, uintptr_t total, bool unbiased, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = hierfast::cuda::gram_epilogue(reinterpret_cast<const void*>(gram), DType(in_dtype), n,
+                                              s0, s1, reinterpret_cast<void*>(out), DType(out_dtype),
+                                              reinterpret_cast<double*>(rowsum),
+                                              reinterpret_cast<double*>(total), unbiased, stream);
+        }
+        check(err);
+      });
+  m.def(
+      "center_columns",
+      [](uintptr_t x, int in_dtype, int64_t n, int64_t d, int64_t s0, int64_t s1, uintptr_t out,
+         int out_dtype, uintptr_t mean, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = hierfast::cuda::center_columns(reinterpret_cast<const void*>(x), DType(in_dtype), n, d,
+                                               s0, s1, reinterpret_cast<void*>(out), DType(out_dtype),
+                                               reinterpret_cast<double*>(mean), stream);
+        }
+        check(err);
+      });
+  m.def("device_count", []() {
+    std::string err;
+    int c = hierfast::cuda::device_count(&err);
+    return py::make_tuple(c, err);
+  });
+}

@@ -1,0 +1,22 @@
+// Host launchers of the CUDA kernels (csrc/cuda/*.cu), bound in csrc/cuda_bindings.cpp.
+// Each returns an empty string on success, or the CUDA error text: a kernel launched
+// on a machine without a GPU fails silently unless cudaGetLastError() is checked.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "hierfast/common.h"
+
+namespace hierfast::cuda {
+
+std::string gram_epilogue(const void* gram, DType in_dtype, int64_t n, int64_t s0, int64_t s1,
+                          void* out, DType out_dtype, double* rowsum, double* total,
+                          bool unbiased, uintptr_t stream);
+
+std::string center_columns(const void* x, DType in_dtype, int64_t n, int64_t d, int64_t s0,
+                           int64_t s1, void* out, DType out_dtype, double* mean, uintptr_t stream);
+
+// Number of visible devices, or a negative value with the error in `err`.
+int device_count(std::string* err);
+
+}  // namespace hierfast::cuda

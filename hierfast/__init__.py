@@ -1,0 +1,12 @@
+"""hierfast: fast, correct statistics of the hierarchy of representations in deep networks.
+
+>>> import hierfast
+>>> sorted(hierfast.info()["backends"])
+['cpu', 'cuda', 'reference', 'triton']
+"""
+__version__ = "0.1.0"
+
+from ._info import format_info, info  # noqa: E402
+from . import backends, ops, stats  # noqa: E402
+
+__all__ = ["__version__", "info", "format_info", "backends", "ops", "stats"]

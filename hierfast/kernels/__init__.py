@@ -1,0 +1,1 @@
+"""Triton kernels. Imported lazily by hierfast.ops so that triton stays optional."""

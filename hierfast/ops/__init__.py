@@ -1,0 +1,9 @@
+"""hierfast.ops: one function per op, dispatched over backends (see hierfast.backends).
+
+Nothing here knows about modules, datasets or reports; nothing above knows which
+kernel ran.
+"""
+from .center import center_columns, center_columns_reference
+from .gram_epilogue import gram_epilogue, gram_epilogue_reference
+
+__all__ = ["gram_epilogue", "gram_epilogue_reference", "center_columns", "center_columns_reference"]

@@ -1,0 +1,80 @@
+"""Column-centring of a feature batch: ``x - x.mean(0)``, means accumulated in float64.
+
+The CKA path centres each batch before forming Grams in float32: the Gram of raw
+post-ReLU features (large common offset) cancels catastrophically in float32
+(DESIGN.md, "Traps"). The kernels fuse the upcast from float16/bfloat16, the
+float64 mean and the subtraction into two sweeps with one output allocation.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _dtypes
+from ..backends import Op
+from ._launch import cpu_kernels, cuda_kernels, cuda_stream
+
+_IN = _dtypes.FLOAT_DTYPES
+_OUT = (torch.float32, torch.float64)
+OP = Op("center_columns")
+
+
+def center_columns_reference(x: torch.Tensor, out_dtype: torch.dtype = torch.float64):
+    """Plain-torch float64 definition: ``(x - mean, mean)`` with ``out`` in ``out_dtype``."""
+    x64 = x.to(torch.float64)
+    mean = x64.mean(dim=0)
+    return (x64 - mean).to(out_dtype), mean
+
+
+@OP.register("reference", devices=("cpu", "cuda"), dtypes=_IN)
+def _reference(x, out, mean):
+    o, m = center_columns_reference(x, out.dtype)
+    out.copy_(o)
+    mean.copy_(m)
+
+
+@OP.register("cpu", devices=("cpu",), dtypes=_IN)
+def _cpu(x, out, mean):
+    cpu_kernels().center_columns(x.data_ptr(), _dtypes.code(x.dtype), x.shape[0], x.shape[1], x.stride(0),
+                                 x.stride(1), out.data_ptr(), _dtypes.code(out.dtype), mean.data_ptr())
+
+
+@OP.register("cuda", devices=("cuda",), dtypes=_IN)
+def _cuda(x, out, mean):
+    with torch.cuda.device(x.device):
+        cuda_kernels().center_columns(x.data_ptr(), _dtypes.code(x.dtype), x.shape[0], x.shape[1],
+                                      x.stride(0), x.stride(1), out.data_ptr(), _dtypes.code(out.dtype),
+                                      mean.data_ptr(), cuda_stream(x))
+
+
+@OP.register("triton", devices=("cpu", "cuda"), dtypes=_IN)
+def _triton(x, out, mean):
+    from ..kernels.center import center_columns as kernel
+
+    kernel(x, out, mean)
+
+
+def center_columns(x: torch.Tensor, *, out_dtype: torch.dtype = torch.float32, backend: str | None = None):
+    """Subtract the column means of a 2-D feature batch.
+
+    Args:
+        x: ``(n, d)`` float16/bfloat16/float32/float64 tensor, any strides.
+        out_dtype: float32 or float64 (never lower than needed for the Gram).
+        backend: force ``"reference" | "cpu" | "cuda" | "triton"``.
+
+    Returns:
+        ``(centred (n, d) contiguous in out_dtype, mean (d,) float64)``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x must be a non-empty (n, d) matrix, got shape {tuple(x.shape)}")
+    if x.dtype not in _IN:
+        raise TypeError(f"x must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if out_dtype not in _OUT:
+        raise TypeError(f"out_dtype must be torch.float32 or torch.float64, got {out_dtype}")
+    n, d = x.shape
+    out = torch.empty(n, d, dtype=out_dtype, device=x.device)
+    mean = torch.empty(d, dtype=torch.float64, device=x.device)
+    impl = OP.select((x, out), backend)
+    impl.fn(x, out, mean)
+    return out, mean

@@ -1,0 +1,1 @@
+"""hierfast.stats: per-layer statistics as functions and mergeable streaming accumulators."""

@@ -1,0 +1,46 @@
+"""Shared test configuration: tolerances per dtype, backends to exercise, seeds."""
+import os
+
+import pytest
+import torch
+
+import hierfast
+from hierfast.backends import backend_status
+
+# Absolute tolerance of a fast path against the float64 reference, per output dtype.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def available_backends(device: str = "cpu") -> list[str]:
+    """Backends that can run on tensors of ``device`` in this process."""
+    out = []
+    for name in ("reference", "cpu", "triton", "cuda"):
+        st = backend_status(name)
+        if not st["available"]:
+            continue
+        if device == "cpu" and name == "cuda":
+            continue
+        if device == "cuda" and name == "cpu":
+            continue
+        out.append(name)
+    return out
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    info = hierfast.info()
+    lines = [f"hierfast {info['hierfast']} torch {info['torch']} triton {info['triton']}"]
+    for name, st in info["backends"].items():
+        lines.append(f"  backend {name:<9} {'available' if st['available'] else 'NOT available: ' + st['reason']}")
+    req = os.environ.get("HIERFAST_REQUIRE_BACKENDS")
+    if req:
+        lines.append(f"  required backends: {req}")
+    return lines

@@ -1,0 +1,78 @@
+"""The registry: availability, forcing, refusals, and that CI really built the fast paths."""
+import os
+import warnings
+
+import pytest
+import torch
+
+import hierfast
+from hierfast import ops
+from hierfast.backends import BackendFallbackWarning, BackendUnavailableError, Op
+
+
+def test_info_shape():
+    info = hierfast.info()
+    for key in ("hierfast", "torch", "triton", "cuda", "backends"):
+        assert key in info
+    for name in ("reference", "cpu", "triton", "cuda"):
+        st = info["backends"][name]
+        assert isinstance(st["available"], bool)
+        assert (st["reason"] is None) == st["available"]
+    assert "backend" in hierfast.format_info()
+
+
+def test_required_backends_are_built():
+    """CI sets HIERFAST_REQUIRE_BACKENDS=cpu,triton (and cuda-compiled where nvcc exists):
+    a missing fast path fails the run instead of silently testing the reference."""
+    required = [b for b in os.environ.get("HIERFAST_REQUIRE_BACKENDS", "").split(",") if b]
+    if not required:
+        pytest.skip("HIERFAST_REQUIRE_BACKENDS not set (CI sets it)")
+    for name in required:
+        if name == "cuda-compiled":
+            assert hierfast.info()["backends"]["cuda"].get("compiled"), hierfast.info()["backends"]["cuda"]
+        else:
+            st = hierfast.info()["backends"][name]
+            assert st["available"], f"backend {name} required but unavailable: {st['reason']}"
+
+
+def test_unknown_backend_is_rejected():
+    x = torch.randn(5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not a backend"):
+        ops.gram_epilogue(x @ x.T, unbiased=False, backend="fortran")
+
+
+def test_env_override(monkeypatch):
+    x = torch.randn(6, 3, dtype=torch.float64)
+    monkeypatch.setenv("HIERFAST_BACKEND", "reference")
+    assert ops.gram_epilogue.__module__  # module imported
+    from hierfast.ops.gram_epilogue import OP
+    g = x @ x.T
+    out = torch.empty(36, dtype=torch.float64)
+    assert OP.select((g, out)).backend == "reference"
+    monkeypatch.setenv("HIERFAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        OP.select((g, out))
+
+
+def test_forced_unavailable_backend_raises_with_reasons():
+    x = torch.randn(6, 6, dtype=torch.float64)
+    if hierfast.info()["backends"]["cuda"]["available"]:
+        pytest.skip("CUDA is available here")
+    with pytest.raises(BackendUnavailableError, match="forced but cannot run"):
+        ops.gram_epilogue(x, unbiased=False, backend="cuda")
+
+
+def test_automatic_fallback_warns_once():
+    op = Op("demo", preference={"cpu": ("cuda", "reference")})
+    calls = []
+    op.register("cuda", devices=("cuda",), dtypes=(torch.float32,))(lambda t: calls.append("cuda"))
+    op.register("reference", devices=("cpu",), dtypes=(torch.float32,))(lambda t: calls.append("ref"))
+    t = torch.zeros(2)
+    if hierfast.info()["backends"]["cuda"]["available"]:
+        pytest.skip("CUDA is available here")
+    with pytest.warns(BackendFallbackWarning):
+        op(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op(t)  # second time: silent
+    assert calls == ["ref", "ref"]

@@ -1,0 +1,111 @@
+"""Every kernel against its plain-torch float64 reference: shapes, dtypes, strides, backends."""
+import pytest
+import torch
+
+from hierfast import ops
+from conftest import TOL, available_backends, devices
+
+SIZES = [4, 5, 31, 64, 129, 300]
+
+
+def _case(device):
+    return [(dev, be) for dev in devices() for be in available_backends(dev) if dev == device]
+
+
+@pytest.mark.parametrize("device,backend", [c for d in devices() for c in _case(d)])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float64),
+                                                 (torch.float32, torch.float32)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_gram_epilogue_matches_reference(device, backend, n, unbiased, in_dtype, out_dtype, layout):
+    if backend == "triton" and n > 129:
+        pytest.skip("large shapes are slow in the Triton interpreter; 129 already spans >1 block")
+    x = torch.randn(n, 7, dtype=torch.float64, device=device) * 3 + 5
+    g = (x @ x.T).to(in_dtype)
+    if layout == "transposed":
+        g = g.T  # symmetric, but column-major strides
+    elif layout == "strided":
+        big = torch.randn(2 * n, 2 * n, dtype=in_dtype, device=device)
+        big[::2, ::2] = g
+        g = big[::2, ::2]
+    ref_out, ref_r, ref_t = ops.gram_epilogue_reference(g, unbiased)
+    # Poison the destination: a kernel that skips an element must fail.
+    dest = torch.full((n * n,), float("nan"), dtype=out_dtype, device=device)
+    out, r, t = ops.gram_epilogue(g, unbiased=unbiased, out=dest, backend=backend)
+    assert out.data_ptr() == dest.data_ptr()
+    scale = ref_out.abs().max().item()
+    tol = TOL[out_dtype] * max(scale, 1.0) if out_dtype == torch.float32 else 1e-12 * max(scale, 1.0)
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=0)
+    torch.testing.assert_close(r, ref_r, atol=1e-12 * max(ref_r.abs().max().item(), 1), rtol=1e-12)
+    torch.testing.assert_close(t, ref_t, atol=1e-10 * max(ref_t.abs().item(), 1), rtol=1e-12)
+    if unbiased:
+        assert torch.all(out.diagonal() == 0)
+        # U-centred Grams have zero row sums (Szekely & Rizzo 2014)
+        eps = 1e-12 if out_dtype == torch.float64 else 1e-6
+        assert out.double().sum(1).abs().max().item() <= eps * n * max(scale, 1)
+
+
+def test_gram_epilogue_writes_into_stacked_row():
+    n, L = 9, 3
+    F = torch.full((L, n * n), float("nan"), dtype=torch.float64)
+    xs = [torch.randn(n, 4, dtype=torch.float64) for _ in range(L)]
+    for i, x in enumerate(xs):
+        ops.gram_epilogue(x @ x.T, unbiased=True, out=F[i])
+    for i, x in enumerate(xs):
+        torch.testing.assert_close(F[i].view(n, n), ops.gram_epilogue_reference(x @ x.T, True)[0])
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (torch.randn(3, 4), ValueError, "square"),
+    (torch.randn(3, 3), ValueError, "n >= 4"),
+    (torch.randint(0, 3, (5, 5)), TypeError, "float32 or float64"),
+    (torch.randn(5, 5, dtype=torch.float16), TypeError, "float32 or float64"),
+    ([[1.0]], TypeError, "torch.Tensor"),
+])
+def test_gram_epilogue_bad_input(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.gram_epilogue(bad, unbiased=True)
+
+
+def test_gram_epilogue_bad_out():
+    g = torch.eye(5)
+    with pytest.raises(ValueError, match="n\\*n"):
+        ops.gram_epilogue(g, unbiased=False, out=torch.empty(24))
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.gram_epilogue(g, unbiased=False, out=torch.empty(50)[::2])
+
+
+@pytest.mark.parametrize("device,backend", [c for d in devices() for c in _case(d)])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 3), (17, 300), (128, 257), (300, 64)])
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_center_columns_matches_reference(device, backend, shape, in_dtype, out_dtype, layout):
+    n, d = shape
+    if backend == "triton" and n * d > 20000:
+        pytest.skip("large shapes are slow in the Triton interpreter")
+    base = torch.randn(n, d, dtype=torch.float64, device=device) * 2 + 50  # large common offset
+    if layout == "transposed":
+        x = base.T.contiguous().T.to(in_dtype) if in_dtype == torch.float64 else base.to(in_dtype).T.contiguous().T
+    elif layout == "sliced":
+        wide = torch.randn(n, 2 * d, dtype=in_dtype, device=device)
+        wide[:, ::2] = base.to(in_dtype)
+        x = wide[:, ::2]
+    else:
+        x = base.to(in_dtype)
+    ref, ref_mean = ops.center_columns_reference(x, torch.float64)
+    out, mean = ops.center_columns(x, out_dtype=out_dtype, backend=backend)
+    assert out.is_contiguous() and out.dtype == out_dtype
+    torch.testing.assert_close(mean, ref_mean, atol=1e-10, rtol=1e-12)
+    atol = 1e-12 if out_dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
+
+
+def test_center_columns_bad_input():
+    with pytest.raises(ValueError, match="non-empty"):
+        ops.center_columns(torch.empty(0, 3))
+    with pytest.raises(TypeError, match="floating"):
+        ops.center_columns(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.center_columns(torch.ones(3, 3), out_dtype=torch.float16)

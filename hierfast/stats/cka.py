@@ -20,9 +20,9 @@ def _min_n(debiased: bool) -> int:
     return 4 if debiased else 2
 
 
-def _pair(x, y, debiased):
-    x = as_features(x, "x", min_n=_min_n(debiased))
-    y = as_features(y, "y", min_n=_min_n(debiased))
+def _pair(x, y, debiased, check_finite):
+    x = as_features(x, "x", min_n=_min_n(debiased), check_finite=check_finite)
+    y = as_features(y, "y", min_n=_min_n(debiased), check_finite=check_finite)
     check_same_batch([x, y], ["x", "y"])
     return x, y
 
@@ -50,7 +50,7 @@ def _linear_cka_feature_space(x, y, debiased):
 
 
 def _cka_gram_space(x, y, debiased, kernel, threshold, backend):
-    F = _grams.stacked_centered_grams([x, y], unbiased=debiased, kernel=kernel, threshold=threshold,
+    F = _grams.stacked_centered_grams([x, y], ["x", "y"], unbiased=debiased, kernel=kernel, threshold=threshold,
                                       backend=backend)
     hsic = F @ F.T
     return cka_from_hsic(hsic[0:1, 1:2], hsic[0, 0].reshape(1), hsic[1, 1].reshape(1), ["x"], ["y"])[0, 0]
@@ -82,11 +82,13 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False, form
     """
     if form not in ("auto", "feature", "gram"):
         raise ValueError(f"form must be 'auto', 'feature' or 'gram', got {form!r}")
-    x, y = _pair(x, y, debiased)
+    x0, y0 = x, y
+    x, y = _pair(x, y, debiased, check_finite=False)
     n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
     if form == "auto":
         form = "feature" if dx * dy + dx * dx + dy * dy < n * (dx + dy) else "gram"
     if form == "feature":
+        _pair(x0, y0, debiased, check_finite=True)  # the Gram path checks finiteness from its means
         return _linear_cka_feature_space(x, y, debiased)
     return _cka_gram_space(x, y, debiased, "linear", 1.0, backend)
 
@@ -109,7 +111,7 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, *, threshold: float = 1.0, debiase
     """
     if not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ValueError(f"threshold must be a positive number, got {threshold!r}")
-    x, y = _pair(x, y, debiased)
+    x, y = _pair(x, y, debiased, check_finite=False)  # checked from the centring means
     return _cka_gram_space(x, y, debiased, "rbf", float(threshold), backend)
 
 
@@ -147,10 +149,11 @@ def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", debiased: bool 
         raise ValueError(f"threshold must be a positive number, got {threshold!r}")
     names_a, xs_a = as_layers(feats_a, "feats_a")
     labels_a = [layer_label(names_a, i, "feats_a") for i in range(len(xs_a))]
-    xs_a = [as_features(x, lab, min_n=_min_n(debiased)) for x, lab in zip(xs_a, labels_a)]
+    # finiteness is checked from the centring kernel's float64 means (no extra pass)
+    xs_a = [as_features(x, lab, min_n=_min_n(debiased), check_finite=False) for x, lab in zip(xs_a, labels_a)]
     if feats_b is None:
         check_same_batch(xs_a, labels_a)
-        F = _grams.stacked_centered_grams(xs_a, unbiased=debiased, kernel=kernel, threshold=threshold,
+        F = _grams.stacked_centered_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
                                           backend=backend)
         hsic = F @ F.T
         d = hsic.diagonal().clone()
@@ -158,10 +161,12 @@ def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", debiased: bool 
         return label_matrix(cka_from_hsic(hsic, d, d, shown, shown), names_a, names_a)
     names_b, xs_b = as_layers(feats_b, "feats_b")
     labels_b = [layer_label(names_b, i, "feats_b") for i in range(len(xs_b))]
-    xs_b = [as_features(x, lab, min_n=_min_n(debiased)) for x, lab in zip(xs_b, labels_b)]
+    xs_b = [as_features(x, lab, min_n=_min_n(debiased), check_finite=False) for x, lab in zip(xs_b, labels_b)]
     check_same_batch(xs_a + xs_b, labels_a + labels_b)
-    Fa = _grams.stacked_centered_grams(xs_a, unbiased=debiased, kernel=kernel, threshold=threshold, backend=backend)
-    Fb = _grams.stacked_centered_grams(xs_b, unbiased=debiased, kernel=kernel, threshold=threshold, backend=backend)
+    Fa = _grams.stacked_centered_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
+                                       backend=backend)
+    Fb = _grams.stacked_centered_grams(xs_b, labels_b, unbiased=debiased, kernel=kernel, threshold=threshold,
+                                       backend=backend)
     cross = Fa @ Fb.T
     sa = torch.einsum("ij,ij->i", Fa, Fa)
     sb = torch.einsum("ij,ij->i", Fb, Fb)

@@ -37,12 +37,14 @@ class MinibatchCKA(Accumulator):
 
     def __init__(self, *, backend: str | None = None) -> None:
         self.backend = backend
+        self._workspace = _grams.Workspace()
         super().__init__()
 
     def _layers(self, feats, name):
         names, xs = as_layers(feats, name)
         labels = [layer_label(names, i, name) for i in range(len(xs))]
-        return names, [as_features(x, lab, min_n=4) for x, lab in zip(xs, labels)], labels
+        # finiteness is checked from the centring kernel's float64 means (no extra pass)
+        return names, [as_features(x, lab, min_n=4, check_finite=False) for x, lab in zip(xs, labels)], labels
 
     def update(self, feats_a, feats_b=None) -> None:
         """Add one batch.
@@ -66,10 +68,12 @@ class MinibatchCKA(Accumulator):
             if mine != layout:
                 raise ValueError(f"this batch's layers {layout} differ from the first batch's {mine}; every "
                                  "update must pass the same layers (and the same number of models)")
-        Fa = _grams.stacked_centered_grams(xs_a, unbiased=True, backend=self.backend)
+        Fa = _grams.stacked_centered_grams(xs_a, labels_a, unbiased=True, backend=self.backend,
+                                           workspace=self._workspace, slot_prefix="a")
         scale = 1.0 / (b * (b - 3))
         if cross:
-            Fb = _grams.stacked_centered_grams(xs_b, unbiased=True, backend=self.backend)
+            Fb = _grams.stacked_centered_grams(xs_b, labels_b, unbiased=True, backend=self.backend,
+                                               workspace=self._workspace, slot_prefix="b")
             ab = (Fa @ Fb.T) * scale
             aa = torch.einsum("ij,ij->i", Fa, Fa) * scale
             bb = torch.einsum("ij,ij->i", Fb, Fb) * scale

@@ -5,6 +5,16 @@
 #include <cstdint>
 #include <cstring>
 
+// Runtime-dispatched SIMD clones of hot loops (AVX-512, AVX2, baseline): the build
+// stays portable (no -march=native) yet runs wide vectors where the CPU has them.
+// Note: OpenMP-outlined regions do not inherit the attribute, so parallel loops call
+// a cloned per-row function.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define HIERFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HIERFAST_SIMD_CLONES
+#endif
+
 namespace hierfast {
 
 // Must match hierfast/_dtypes.py.

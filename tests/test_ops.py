@@ -109,3 +109,28 @@ def test_center_columns_bad_input():
         ops.center_columns(torch.ones(3, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match="out_dtype"):
         ops.center_columns(torch.ones(3, 3), out_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "triton"])
+def test_custom_ops_pass_opcheck(backend):
+    """Both ops are registered torch custom ops with fake implementations."""
+    g = torch.randn(9, 4, dtype=torch.float64)
+    g = g @ g.T
+    args = (g, torch.empty(81, dtype=torch.float64), torch.empty(9, dtype=torch.float64),
+            torch.empty(1, dtype=torch.float64), True, backend)
+    torch.library.opcheck(torch.ops.hierfast.gram_epilogue.default, args)
+    x = torch.randn(7, 5)
+    torch.library.opcheck(torch.ops.hierfast.center_columns.default,
+                          (x, torch.empty(7, 5), torch.empty(5, dtype=torch.float64), backend))
+
+
+def test_gram_epilogue_under_compile():
+    def f(g):
+        out, r, t = ops.gram_epilogue(g, unbiased=True)
+        return out.sum(1), t
+    g = torch.randn(12, 3, dtype=torch.float64)
+    g = g @ g.T
+    got = torch.compile(f, fullgraph=True)(g)
+    ref = f(g)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])

@@ -53,6 +53,17 @@ def _triton(x, out, mean):
     kernel(x, out, mean)
 
 
+@torch.library.custom_op("hierfast::center_columns", mutates_args=("out", "mean"))
+def _center_columns_op(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, backend: str | None = None) -> None:
+    """torch custom op (DESIGN.md principle 4): dispatch happens inside, per call."""
+    OP.select((x, out), backend).fn(x, out, mean)
+
+
+@_center_columns_op.register_fake
+def _(x, out, mean, backend=None):
+    return None
+
+
 def center_columns(x: torch.Tensor, *, out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
                    backend: str | None = None):
     """Subtract the column means of a 2-D feature batch.
@@ -86,6 +97,7 @@ def center_columns(x: torch.Tensor, *, out_dtype: torch.dtype = torch.float32, o
         raise ValueError(f"out must be a contiguous ({n}, {d}) {out_dtype} tensor on {x.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
     mean = torch.empty(d, dtype=torch.float64, device=x.device)
-    impl = OP.select((x, out), backend)
-    impl.fn(x, out, mean)
+    if not torch.compiler.is_compiling():  # raise here, with the reasons, if the backend cannot run
+        OP.select((x, out), backend)
+    _center_columns_op(x, out, mean, backend)
     return out, mean

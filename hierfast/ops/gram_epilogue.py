@@ -70,6 +70,18 @@ def _triton(gram, out, rowsum, total, *, unbiased):
     kernel(gram, out, rowsum, total, unbiased)
 
 
+@torch.library.custom_op("hierfast::gram_epilogue", mutates_args=("out", "rowsum", "total"))
+def _gram_epilogue_op(gram: torch.Tensor, out: torch.Tensor, rowsum: torch.Tensor, total: torch.Tensor,
+                      unbiased: bool, backend: str | None = None) -> None:
+    """torch custom op (DESIGN.md principle 4): dispatch happens inside, per call."""
+    OP.select((gram, out), backend).fn(gram, out, rowsum, total, unbiased=unbiased)
+
+
+@_gram_epilogue_op.register_fake
+def _(gram, out, rowsum, total, unbiased, backend=None):
+    return None
+
+
 def _check(gram: torch.Tensor, out: torch.Tensor | None, unbiased: bool) -> None:
     if not isinstance(gram, torch.Tensor):
         raise TypeError(f"gram must be a torch.Tensor, got {type(gram).__name__}")
@@ -119,6 +131,7 @@ def gram_epilogue(gram: torch.Tensor, *, unbiased: bool, out: torch.Tensor | Non
         out = torch.empty(n * n, dtype=out_dtype, device=gram.device)
     rowsum = torch.empty(n, dtype=torch.float64, device=gram.device)
     total = torch.empty(1, dtype=torch.float64, device=gram.device)
-    impl = OP.select((gram, out), backend)
-    impl.fn(gram, out, rowsum, total, unbiased=unbiased)
+    if not torch.compiler.is_compiling():  # raise here, with the reasons, if the backend cannot run
+        OP.select((gram, out), backend)
+    _gram_epilogue_op(gram, out, rowsum, total, unbiased, backend)
     return out.view(n, n), rowsum, total.reshape(())

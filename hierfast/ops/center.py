@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dtypes
+from .._compile import is_compiling
 from ..backends import Op
 from ._launch import cpu_kernels, cuda_kernels, cuda_stream
 
@@ -97,7 +98,7 @@ def center_columns(x: torch.Tensor, *, out_dtype: torch.dtype = torch.float32, o
         raise ValueError(f"out must be a contiguous ({n}, {d}) {out_dtype} tensor on {x.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
     mean = torch.empty(d, dtype=torch.float64, device=x.device)
-    if not torch.compiler.is_compiling():  # raise here, with the reasons, if the backend cannot run
+    if not is_compiling():  # raise here, with the reasons, if the backend cannot run
         OP.select((x, out), backend)
     _center_columns_op(x, out, mean, backend)
     return out, mean

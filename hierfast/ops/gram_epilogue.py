@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dtypes
+from .._compile import is_compiling
 from ..backends import Op
 from ._launch import cpu_kernels, cuda_kernels, cuda_stream
 
@@ -131,7 +132,7 @@ def gram_epilogue(gram: torch.Tensor, *, unbiased: bool, out: torch.Tensor | Non
         out = torch.empty(n * n, dtype=out_dtype, device=gram.device)
     rowsum = torch.empty(n, dtype=torch.float64, device=gram.device)
     total = torch.empty(1, dtype=torch.float64, device=gram.device)
-    if not torch.compiler.is_compiling():  # raise here, with the reasons, if the backend cannot run
+    if not is_compiling():  # raise here, with the reasons, if the backend cannot run
         OP.select((gram, out), backend)
     _gram_epilogue_op(gram, out, rowsum, total, unbiased, backend)
     return out.view(n, n), rowsum, total.reshape(())

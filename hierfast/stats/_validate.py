@@ -5,11 +5,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .._compile import is_compiling
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _compiling() -> bool:
-    return hasattr(torch, "compiler") and torch.compiler.is_compiling()
 
 
 def as_features(x, name: str, *, min_n: int = 2, check_finite: bool = True) -> torch.Tensor:
@@ -28,7 +26,7 @@ def as_features(x, name: str, *, min_n: int = 2, check_finite: bool = True) -> t
         raise ValueError(f"{name} has n={n} samples; this estimator needs n >= {min_n}"
                          + (" (the unbiased HSIC divides by n-3)" if min_n == 4 else ""))
     x = x.reshape(n, -1)
-    if check_finite and not _compiling() and not bool(torch.isfinite(x).all()):
+    if check_finite and not is_compiling() and not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x)).any(dim=1).nonzero()[0].item()
         raise ValueError(f"{name} contains NaN or inf (first at sample {bad}); CKA of non-finite features is "
                          "undefined: check the model and inputs")

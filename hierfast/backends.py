@@ -127,16 +127,31 @@ class Op:
         "cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})
     impls: dict[str, Impl] = field(default_factory=dict)
     _warned: set = field(default_factory=set)
+    # (forced backend, TRITON_INTERPRET, (device type, dtype) per tensor) -> Impl, for
+    # ops without data-dependent limits: selection costs ~40 us otherwise, which adds
+    # up when streaming accumulators call small kernels per layer per batch.
+    _cache: dict = field(default_factory=dict)
 
     def register(self, backend: str, *, devices, dtypes, reasons=None):
         """Decorator registering ``fn`` as this op's ``backend`` implementation."""
         def deco(fn):
             self.impls[backend] = Impl(backend, fn, tuple(devices), tuple(dtypes), reasons)
+            self._cache.clear()
             return fn
         return deco
 
     def select(self, tensors: Sequence[torch.Tensor], backend: str | None = None) -> Impl:
         forced = forced_backend(backend)
+        key = (forced, _triton_interpret(), tuple((t.device.type, t.dtype) for t in tensors))
+        impl = self._cache.get(key)
+        if impl is not None:
+            return impl
+        impl = self._select(tensors, forced)
+        if all(i.reasons is None for i in self.impls.values()):
+            self._cache[key] = impl
+        return impl
+
+    def _select(self, tensors: Sequence[torch.Tensor], forced: str | None) -> Impl:
         if forced is not None:
             impl = self.impls.get(forced)
             if impl is None:

@@ -8,6 +8,8 @@ HSIC sum downstream is float64.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import ops
@@ -101,20 +103,23 @@ def symmetric_gram(xc: torch.Tensor) -> torch.Tensor:
 _MAX_RATIO = {torch.float32: 8.0, torch.float64: 1e6}
 
 
-def _raw_gram_is_usable(g: torch.Tensor, x: torch.Tensor, label: str) -> bool:
-    """Conditioning test from the Gram itself (O(n^2), no pass over the features).
+def _conditioning_ok(trace: float, total: float, n: int, dtype: torch.dtype, x: torch.Tensor, label: str) -> bool:
+    """Is the raw Gram accurate enough, given its trace and the sum of all its entries?
 
-    Raises ValueError naming ``label`` when the features hold NaN or inf.
+    Raises ValueError naming ``label`` when either is non-finite (NaN/inf features).
     """
-    n = g.shape[0]
-    tr = g.diagonal().sum(dtype=torch.float64)
-    tot = g.sum(dtype=torch.float64)
-    if not bool(torch.isfinite(tr) & torch.isfinite(tot)):
+    if not (math.isfinite(trace) and math.isfinite(total)):
         _raise_nonfinite(x, label)
-    centred_trace = tr - tot / n
+    centred_trace = trace - total / n
     if not centred_trace > 0:  # constant layer or catastrophic cancellation: centre first
         return False
-    return bool(tr / centred_trace <= _MAX_RATIO[g.dtype])
+    return trace / centred_trace <= _MAX_RATIO[dtype]
+
+
+def _raw_gram_is_usable(g: torch.Tensor, x: torch.Tensor, label: str) -> bool:
+    """Conditioning test from the Gram itself (O(n^2), no pass over the features)."""
+    tr, tot = torch.stack([g.diagonal().sum(dtype=torch.float64), g.sum(dtype=torch.float64)]).tolist()
+    return _conditioning_ok(tr, tot, g.shape[0], g.dtype, x, label)
 
 
 def _raise_nonfinite(x: torch.Tensor, label: str):
@@ -195,9 +200,35 @@ def stacked_centered_grams(layers, labels, *, unbiased: bool, kernel: str = "lin
     F = torch.empty(len(layers), n * n, dtype=torch.float64, device=layers[0].device)
     for i, (x, label) in enumerate(zip(layers, labels)):
         kw = dict(backend=backend, workspace=workspace, slot=f"{slot_prefix}{i}")
-        g = linear_gram(x, label, **kw) if kernel == "linear" else rbf_gram(x, threshold, label, **kw)
+        if kernel == "linear":
+            if not _raw_epilogue_ok(x, label, F[i], unbiased, **kw):
+                g = symmetric_gram(centered(x, label, **kw))
+                ops.gram_epilogue(g, unbiased=unbiased, out=F[i], backend=backend)
+            continue
+        g = rbf_gram(x, threshold, label, **kw)
         if g is None:
             F[i].zero_()
             continue
         ops.gram_epilogue(g, unbiased=unbiased, out=F[i], backend=backend)
     return F
+
+
+def _raw_epilogue_ok(x, label, out, unbiased, *, backend, workspace, slot) -> bool:
+    """Try the linear path without a centring pass: (U-)centre the raw Gram into
+    ``out`` and keep it when the conditioning ratio allows. The epilogue's total
+    doubles as the conditioning and NaN test, so the accepted path costs one GEMM,
+    one epilogue and one host sync. Returns False when the caller must centre first.
+    """
+    if x.dtype not in _MAX_RATIO or (workspace is not None and slot in workspace.centre_first) \
+            or _probe_says_centre(x):
+        return False
+    g = symmetric_gram(x)
+    _, _, total = ops.gram_epilogue(g, unbiased=unbiased, out=out, backend=backend)
+    trace, total = torch.stack([g.diagonal().sum(dtype=torch.float64), total]).tolist()
+    if unbiased:  # the unbiased epilogue's total leaves out the diagonal
+        total += trace
+    if _conditioning_ok(trace, total, x.shape[0], g.dtype, x, label):
+        return True
+    if workspace is not None:
+        workspace.centre_first.add(slot)
+    return False

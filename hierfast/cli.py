@@ -1,9 +1,10 @@
-"""Command line: ``hierfast info`` | ``hierfast demo``."""
+"""Command line: ``hierfast info`` | ``hierfast demo`` | ``hierfast bench``."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args) -> int:
@@ -22,9 +23,39 @@ def _cmd_demo(args) -> int:
     return run_demo(quick=args.quick, seed=args.seed)
 
 
+def _find_benchmarks() -> Path | None:
+    """The source checkout's ``benchmarks/`` (the runner is not part of the installed package)."""
+    import hierfast
+
+    for root in (Path.cwd(), Path(hierfast.__file__).resolve().parents[1]):
+        if (root / "benchmarks" / "run.py").is_file():
+            return root / "benchmarks"
+    return None
+
+
+def _cmd_bench(args) -> int:
+    import subprocess
+
+    where = _find_benchmarks()
+    if where is None:
+        print("hierfast bench: benchmarks/run.py not found; run it from a source checkout of hierfast "
+              "(git clone, then `pip install -e .[bench]`)", file=sys.stderr)
+        return 2
+    names = [] if args.names in ([], ["all"]) else args.names
+    if "all" in names:
+        print("hierfast bench: 'all' cannot be combined with other names", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, str(where / "run.py"), *names]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--markdown"] if args.markdown else []
+    cmd += ["--json", args.json] if args.json else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hierfast", description="Measure the hierarchy of representations in deep networks.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{info,demo,bench}")
     pi = sub.add_parser("info", help="versions and available backends")
     pi.add_argument("--json", action="store_true", help="print the info dict as JSON")
     pi.set_defaults(func=_cmd_info)
@@ -32,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--quick", action="store_true", help="fewer training epochs")
     pd.add_argument("--seed", type=int, default=0)
     pd.set_defaults(func=_cmd_demo)
+    pb = sub.add_parser("bench", help="run the benchmarks (source checkout) and print one table")
+    pb.add_argument("names", nargs="*", metavar="NAME",
+                    help="benchmarks to run: cka, conv, capture, dimension, ... or all (default: all)")
+    pb.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    pb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    pb.add_argument("--json", metavar="PATH", help="also write rows and header as JSON")
+    pb.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    pb.set_defaults(func=_cmd_bench)
     return p
 
 

@@ -34,3 +34,13 @@ def test_demo_quick_prints_cka_table(capsys):
     table = [line for line in out.splitlines() if line.startswith("relu1 ")]
     values = [float(v) for v in table[0].split()[1:]]
     assert values[0] == pytest.approx(1.0, abs=1e-9)  # self-similarity on the diagonal
+
+
+def test_bench_unknown_name_lists_available():
+    r = subprocess.run([sys.executable, "-m", "hierfast", "bench", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown benchmark" in r.stderr and "cka" in r.stderr
+
+
+def test_bench_all_cannot_mix_with_names(capsys):
+    assert main(["bench", "all", "cka"]) == 2
+    assert "'all' cannot be combined" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""The measurable hierarchy patterns the report states, each with its evidence.
+
+Every check returns ``{"name", "holds" (bool | None when not measured), "statement",
+"evidence"}``; the report prints the statement whether or not it holds, with the numbers,
+so a pattern that fails is shown, not hidden.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .schema import as_array, validate
+
+
+def spearman(a) -> float:
+    """Rank correlation of the values with their position (depth); ties get average ranks."""
+    v = as_array(a)
+    if v.size < 2 or np.all(v == v[0]):
+        return 0.0
+    ranks = np.empty(v.size)
+    order = np.argsort(v, kind="mergesort")
+    ranks[order] = np.arange(v.size, dtype=np.float64)
+    for u in np.unique(v):  # average ranks of ties
+        m = v == u
+        ranks[m] = ranks[m].mean()
+    depth = np.arange(v.size, dtype=np.float64)
+    return float(np.corrcoef(depth, ranks)[0, 1])
+
+
+def _thirds(v: np.ndarray) -> tuple[float, float]:
+    k = max(1, v.size // 3)
+    return float(v[:k].mean()), float(v[-k:].mean())
+
+
+def probe_rises(analysis: dict) -> dict:
+    name, statement = "probe_rises_with_depth", "Linear-probe accuracy rises with depth."
+    acc = analysis.get("probe", {}).get("accuracy")
+    if acc is None:
+        return {"name": name, "holds": None, "statement": statement, "evidence": "not measured"}
+    a = as_array(acc)
+    rho = spearman(a)
+    holds = bool(a[-1] > a[0] and rho >= 0.5)
+    return {"name": name, "holds": holds, "statement": statement,
+            "evidence": f"first layer {a[0]:.3f}, last layer {a[-1]:.3f}, rank correlation with depth {rho:+.2f}",
+            "values": {"first": float(a[0]), "last": float(a[-1]), "spearman": rho}}
+
+
+def translation_invariance_rises(analysis: dict, transform: str = "translate") -> dict:
+    name = "translation_invariance_rises"
+    statement = "Invariance to small translations is higher in the top layers than in the bottom layers."
+    curve = analysis.get("invariance", {}).get(transform)
+    if curve is None:
+        return {"name": name, "holds": None, "statement": statement, "evidence": "not measured"}
+    mags = as_array(curve["magnitudes"])
+    score = as_array(curve["score"])
+    i = int(np.argmin(np.where(mags > 0, mags, np.inf)))  # smallest non-zero magnitude
+    bottom, top = _thirds(score[i])
+    return {"name": name, "holds": bool(top > bottom), "statement": statement,
+            "evidence": f"at magnitude {mags[i]:g}: mean invariance bottom third {bottom:.3f}, top third {top:.3f}",
+            "values": {"magnitude": float(mags[i]), "bottom": bottom, "top": top}}
+
+
+def adjacent_more_similar(analysis: dict) -> dict:
+    name = "adjacent_layers_more_similar"
+    statement = "Adjacent layers are more similar (CKA) than distant ones."
+    if "cka" not in analysis:
+        return {"name": name, "holds": None, "statement": statement, "evidence": "not measured"}
+    c = as_array(analysis["cka"])
+    L = c.shape[0]
+    if L < 3:
+        return {"name": name, "holds": None, "statement": statement, "evidence": "fewer than 3 layers"}
+    gap = np.abs(np.subtract.outer(np.arange(L), np.arange(L)))
+    adjacent, distant = float(c[gap == 1].mean()), float(c[gap >= 2].mean())
+    return {"name": name, "holds": bool(adjacent > distant), "statement": statement,
+            "evidence": f"mean CKA of adjacent layers {adjacent:.3f}, of layers two or more apart {distant:.3f}",
+            "values": {"adjacent": adjacent, "distant": distant}}
+
+
+def training_changes_top(analysis: dict) -> dict:
+    name = "training_changes_upper_layers"
+    ref = analysis.get("reference_name", "the reference network")
+    statement = f"The trained network differs from {ref} mostly in its upper layers."
+    if "cka_vs_reference" not in analysis:
+        return {"name": name, "holds": None, "statement": statement, "evidence": "not measured"}
+    d = np.diag(as_array(analysis["cka_vs_reference"]))
+    bottom, top = _thirds(d)
+    return {"name": name, "holds": bool(top < bottom), "statement": statement,
+            "evidence": f"CKA(layer, same layer of {ref}): bottom third {bottom:.3f}, top third {top:.3f} "
+                        "(lower = changed more)",
+            "values": {"bottom": bottom, "top": top}}
+
+
+def check_patterns(analysis: dict) -> list[dict]:
+    """All pattern checks on one analysis dict (see :mod:`hierfast.report.schema`)."""
+    validate(analysis)
+    return [probe_rises(analysis), translation_invariance_rises(analysis), adjacent_more_similar(analysis),
+            training_changes_top(analysis)]

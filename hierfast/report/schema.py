@@ -1,0 +1,52 @@
+"""The analysis dict the report renders (every key but ``layers`` is optional).
+
+.. code-block:: text
+
+    layers               [L] layer names, input to output
+    cka                  (L, L) CKA between the layers of the analysed network
+    cka_vs_reference     (L, L) CKA of each layer against the same layer of a reference
+                         network (e.g. the untrained initialisation); the diagonal is read
+    reference_name       what the reference network is ("initialisation")
+    invariance           {transform: {"magnitudes": [M], "score": (M, L)}}  NIS in [.., 1]
+    probe                {"accuracy": [L], "control": [L], "selectivity": [L], "chance": float}
+    dimension            {"twonn": [L], "twonn_sd": [L], "participation_ratio": [L]}
+    sparsity             [L] fraction of active (> 0) units
+    meta                 free-form dict (model, data, n_samples, accuracy, seed, timings)
+
+Values are plain lists/floats (JSON-serialisable); tensors and arrays are accepted.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_array(v) -> np.ndarray:
+    """float64 numpy view of a list / tensor / array."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu().numpy()
+    return np.asarray(v, dtype=np.float64)
+
+
+def validate(analysis: dict) -> list[str]:
+    """Check shapes against ``layers``; returns the layer names. Raises ValueError naming the key."""
+    if not isinstance(analysis, dict):
+        raise TypeError(f"analysis must be a dict (see hierfast.report.schema), got {type(analysis).__name__}")
+    layers = analysis.get("layers")
+    if not layers:
+        raise ValueError("analysis['layers'] must be a non-empty list of layer names")
+    L = len(layers)
+    for key in ("cka", "cka_vs_reference"):
+        if key in analysis and as_array(analysis[key]).shape != (L, L):
+            raise ValueError(f"analysis[{key!r}] must be ({L}, {L}) for {L} layers, got "
+                             f"{as_array(analysis[key]).shape}")
+    for key, sub in (("probe", ("accuracy", "control", "selectivity")),
+                     ("dimension", ("twonn", "twonn_sd", "participation_ratio"))):
+        for s in sub:
+            if s in analysis.get(key, {}) and as_array(analysis[key][s]).shape != (L,):
+                raise ValueError(f"analysis[{key!r}][{s!r}] must have {L} values, one per layer")
+    for t, curve in analysis.get("invariance", {}).items():
+        m = len(curve["magnitudes"])
+        if as_array(curve["score"]).shape != (m, L):
+            raise ValueError(f"analysis['invariance'][{t!r}]['score'] must be ({m} magnitudes, {L} layers), "
+                             f"got {as_array(curve['score']).shape}")
+    return list(layers)

@@ -1,0 +1,104 @@
+"""Report: pattern checks on analyses whose answer is known, and the written files."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from hierfast.report import check_patterns, write_report  # noqa: E402
+from hierfast.report.patterns import spearman  # noqa: E402
+
+L = 6
+LAYERS = [f"conv{i + 1}" for i in range(L)]
+
+
+def _hierarchy(flip: bool = False) -> dict:
+    """An analysis with every pattern built in (or every pattern reversed with flip)."""
+    gap = np.abs(np.subtract.outer(np.arange(L), np.arange(L)))
+    cka = np.exp(-gap / 2.0) if not flip else 1.0 - 0.9 * np.exp(-gap / 2.0) * (gap > 0)
+    rising = np.linspace(0.3, 0.95, L)
+    diag = np.linspace(0.95, 0.3, L)
+    ref = np.full((L, L), 0.2)
+    np.fill_diagonal(ref, diag[::-1] if flip else diag)
+    return {
+        "layers": LAYERS,
+        "cka": cka,
+        "cka_vs_reference": ref,
+        "reference_name": "initialisation",
+        "invariance": {"translate": {"magnitudes": [0.0, 1.0, 3.0],
+                                    "score": np.stack([np.ones(L), rising[::-1] if flip else rising,
+                                                       (rising[::-1] if flip else rising) / 2])}},
+        "probe": {"accuracy": rising[::-1] if flip else rising, "control": np.full(L, 0.1),
+                  "selectivity": (rising[::-1] if flip else rising) - 0.1, "chance": 0.1},
+        "dimension": {"twonn": np.linspace(8, 4, L), "twonn_sd": np.full(L, 0.3),
+                      "participation_ratio": np.linspace(20, 5, L)},
+        "sparsity": np.linspace(0.5, 0.2, L),
+        "meta": {"model": "synthetic"},
+    }
+
+
+def test_patterns_hold_on_a_built_in_hierarchy():
+    verdicts = {p["name"]: p["holds"] for p in check_patterns(_hierarchy())}
+    assert verdicts == {"probe_rises_with_depth": True, "translation_invariance_rises": True,
+                        "adjacent_layers_more_similar": True, "training_changes_upper_layers": True}
+
+
+def test_patterns_fail_on_the_reversed_hierarchy():
+    verdicts = {p["name"]: p["holds"] for p in check_patterns(_hierarchy(flip=True))}
+    assert not any(verdicts.values())
+
+
+def test_unmeasured_patterns_are_reported_as_such():
+    out = check_patterns({"layers": LAYERS})
+    assert [p["holds"] for p in out] == [None] * 4
+    assert all(p["evidence"] == "not measured" for p in out)
+
+
+def test_spearman_matches_known_values():
+    assert spearman([1, 2, 3, 4]) == pytest.approx(1.0)
+    assert spearman([4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
+    assert spearman([2, 2, 2]) == 0.0
+
+
+def test_write_report_is_self_contained(tmp_path):
+    res = write_report(_hierarchy(), tmp_path / "out", intro="synthetic")
+    text = open(res["html"], encoding="utf-8").read()
+    assert text.startswith("<!doctype html>") and text.rstrip().endswith("</html>")
+    srcs = re.findall(r"src='([^']*)'", text)
+    assert len(srcs) == 6 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "http://" not in text and "https://" not in text  # nothing fetched when opened
+    assert text.count("class='yes'") == 4
+    for p in res["figures"]:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    saved = json.load(open(res["json"]))
+    assert saved["analysis"]["layers"] == LAYERS
+    np.testing.assert_allclose(saved["analysis"]["cka"], _hierarchy()["cka"])
+    assert [p["holds"] for p in saved["patterns"]] == [True] * 4
+
+
+def test_a_failed_pattern_is_shown_not_hidden(tmp_path):
+    res = write_report(_hierarchy(flip=True), tmp_path)
+    text = open(res["html"], encoding="utf-8").read()
+    assert text.count("class='no'>does not hold") == 4
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"layers": []}, "non-empty"),
+    ({"layers": LAYERS, "cka": np.zeros((2, 2))}, r"analysis\['cka'\] must be \(6, 6\)"),
+    ({"layers": LAYERS, "probe": {"accuracy": [0.5]}}, r"analysis\['probe'\]\['accuracy'\] must have 6"),
+    ({"layers": LAYERS, "invariance": {"t": {"magnitudes": [1, 2], "score": np.zeros((1, 6))}}},
+     r"\(2 magnitudes, 6 layers\)"),
+])
+def test_bad_analysis_names_the_key(bad, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        write_report(bad, tmp_path)
+
+
+def test_unwritable_out_dir_is_a_clear_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="choose a writable directory"):
+        write_report({"layers": LAYERS}, f / "sub")

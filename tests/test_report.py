@@ -102,3 +102,36 @@ def test_unwritable_out_dir_is_a_clear_error(tmp_path):
     f.write_text("x")
     with pytest.raises(ValueError, match="choose a writable directory"):
         write_report({"layers": LAYERS}, f / "sub")
+
+
+def _browser():
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_report_renders_in_a_headless_browser(tmp_path):
+    """The HTML renders in a real browser: the screenshot is as tall as the page asks and not blank."""
+    import subprocess
+
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no Chromium/Chrome on PATH (Debian: apt-get install chromium); HTML rendering not checked")
+    res = write_report(_hierarchy(), tmp_path)
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--screenshot={shot}", "--window-size=1000,1400", f"file://{res['html']}"],
+                       capture_output=True, text=True, timeout=120)
+    assert shot.exists(), r.stderr[-2000:]
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(str(shot))
+    assert img.shape[:2] == (1400, 1000)
+    # rendered text and figures: many distinct colours, and plenty of non-white pixels
+    rgb = (img[..., :3] * 255).astype(np.uint8).reshape(-1, 3)
+    assert len(np.unique(rgb, axis=0)) > 50
+    assert (rgb.min(axis=1) < 200).mean() > 0.02

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import hierfast
-from hierfast.capture import LayerCapture, Results, analyze
+from hierfast.capture import BatchContext, LayerCapture, Results, analyze, register_statistic
 from capture_reference import minibatch_cka_matrix
 
 TOL = 1e-5  # float32 features, float64 statistics
@@ -398,3 +398,58 @@ def test_layer_capture_standalone_each_forward_fresh():
         assert list(cap.features) == ["conv1"]
         torch.testing.assert_close(cap.features["conv1"], net.conv1(x).flatten(1))
     assert not net.conv1._forward_hooks
+
+
+# -- the statistic-plugin protocol ------------------------------------------------------------
+class FlipStat:
+    """A plugin using every part of the protocol: per layer, the float64 sum over samples of
+    <f(x), f(-x)> and of the labels; ``batch.forward`` runs the models on the flipped inputs."""
+
+    def __init__(self, layers_a, layers_b=None, *, scale=1.0):
+        self.layers_a, self.layers_b, self.scale = list(layers_a), layers_b, scale
+        self.dot = torch.zeros(len(layers_a), dtype=torch.float64)
+        self.labels = torch.zeros((), dtype=torch.float64)
+        self.batches = []
+
+    def update_batch(self, feats_a, feats_b, batch):
+        assert isinstance(batch, BatchContext) and list(feats_a) == self.layers_a
+        fa2, fb2 = batch.forward(-batch.inputs)
+        assert (fb2 is None) == (feats_b is None)
+        self.dot += self.scale * torch.stack([(feats_a[k].double() * fa2[k].double()).sum() for k in self.layers_a])
+        self.labels += batch.labels.double().sum() if batch.labels is not None else 0.0
+        self.batches.append(batch.index)
+
+    def compute(self):
+        return {"dot": self.dot.clone(), "labels": float(self.labels), "batches": list(self.batches)}
+
+    def state_dict(self):
+        return {"dot": self.dot.clone(), "labels": self.labels.clone(), "batches": list(self.batches)}
+
+    def load_state_dict(self, state):
+        self.dot, self.labels, self.batches = state["dot"].clone(), state["labels"].clone(), list(state["batches"])
+        return self
+
+    def sync(self, group=None):
+        return self
+
+
+register_statistic("test_flip", FlipStat)
+
+
+def test_statistic_plugin_protocol(tmp_path):
+    net = InplaceCNN()
+    data = [(x, torch.full((x.shape[0],), 2.0)) for x in _batches(3, 8, 3, 8, 8)]
+    res = analyze(net, data, stats={"cka": {}, "test_flip": {"scale": 0.5}}, progress=False)
+    ref = torch.zeros(3, dtype=torch.float64)
+    for x, _ in data:
+        for i, (u, v) in enumerate(zip(net.reference(x), net.reference(-x))):
+            ref[i] += 0.5 * (u.double() * v.double()).sum()
+    torch.testing.assert_close(res.test_flip["dot"], ref, rtol=1e-6, atol=1e-6)
+    assert res.test_flip["labels"] == 48.0 and res.test_flip["batches"] == [0, 1, 2]
+    torch.testing.assert_close(res.cka, minibatch_cka_matrix([net.reference(x) for x, _ in data]), atol=TOL, rtol=0)
+    back = Results.load(res.save(tmp_path / "r.json"))
+    assert torch.equal(back.test_flip["dot"], res.test_flip["dot"]) and back.test_flip["batches"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="already registered"):
+        register_statistic("test_flip", lambda a, b: None)
+    with pytest.raises(ValueError, match="identifier"):
+        register_statistic("not a name", FlipStat)

@@ -152,6 +152,7 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                              f"for {[n for n, _ in specs]}; delete the file or use another path")
         start = state["next_batch"]
         run.restore(state)
+        run.ckpt = ckpt_path
         objs = {}
         for name, opts in specs:
             objs[name] = get_statistic(name)(run.layers_a, run.layers_b, **opts)
@@ -291,6 +292,7 @@ class _Run:
         self.shapes_a: dict = {}
         self.shapes_b: dict = {}
         self.n_samples = self.n_batches = self.n_skipped = self.next_batch = 0
+        self.ckpt = None  # path of a restored checkpoint until the first forward is checked against it
 
     def meta(self) -> dict:
         return {"layers_a": self.layers_a, "layers_b": self.layers_b, "n_samples": self.n_samples,
@@ -330,9 +332,10 @@ class _Run:
             fb = self._one(self.model_b, self.cap_b, inputs, mask, self.dev_b, "compare_to", index)
             if self.dev_b != self.dev_a:
                 fb = {k: v.to(self.dev_a) for k, v in fb.items()}
-        self.layers_a = _check_layout(self.layers_a, fa, "model", index)
+        self.layers_a = _check_layout(self.layers_a, fa, "model", index, self.ckpt)
         if fb is not None:
-            self.layers_b = _check_layout(self.layers_b, fb, "compare_to", index)
+            self.layers_b = _check_layout(self.layers_b, fb, "compare_to", index, self.ckpt)
+        self.ckpt = None  # checked against the checkpoint once; later batches against the first
         self._check_sizes(fa, fb, index, batch_size)
         return fa, fb
 
@@ -352,10 +355,13 @@ class _Run:
                              "(N, ...) for it")
 
 
-def _check_layout(known, feats, which, index):
+def _check_layout(known, feats, which, index, ckpt=None):
     names = list(feats)
     if known is None:
         return names
+    if names != known and ckpt is not None:
+        raise ValueError(f"checkpoint={str(ckpt)!r} was written for layers {known} of {which}, but this call records "
+                         f"{names}; delete the checkpoint or use another path for a different analysis")
     if names != known:
         raise ValueError(f"{which} recorded layers {names} at batch {index} but {known} before; the recorded layers "
                          "must be the same on every batch (data-dependent control flow? select layers that always "

@@ -8,5 +8,7 @@ __version__ = "0.1.0"
 
 from ._info import format_info, info  # noqa: E402
 from . import backends, ops, stats  # noqa: E402
+from . import capture  # noqa: E402
+from .capture import analyze  # noqa: E402
 
-__all__ = ["__version__", "info", "format_info", "backends", "ops", "stats"]
+__all__ = ["__version__", "info", "format_info", "backends", "ops", "stats", "capture", "analyze"]

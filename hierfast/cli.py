@@ -1,4 +1,4 @@
-"""Command line: ``hierfast info`` | ``hierfast demo`` | ``hierfast bench``."""
+"""Command line: ``hierfast info`` | ``demo`` | ``analyze`` | ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -53,9 +53,15 @@ def _cmd_bench(args) -> int:
     return subprocess.call(cmd)
 
 
+def _cmd_analyze(args) -> int:
+    from .capture.cli import run_analyze
+
+    return run_analyze(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hierfast", description="Measure the hierarchy of representations in deep networks.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,demo,bench}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{info,demo,analyze,bench}")
     pi = sub.add_parser("info", help="versions and available backends")
     pi.add_argument("--json", action="store_true", help="print the info dict as JSON")
     pi.set_defaults(func=_cmd_info)
@@ -71,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--json", metavar="PATH", help="also write rows and header as JSON")
     pb.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     pb.set_defaults(func=_cmd_bench)
+    from .capture.cli import add_analyze_parser
+
+    add_analyze_parser(sub).set_defaults(func=_cmd_analyze)
     return p
 
 

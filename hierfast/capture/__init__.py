@@ -1,0 +1,14 @@
+"""hierfast.capture: record per-layer outputs of any model and stream statistics over a dataset.
+
+:class:`LayerCapture` records what selected layers return (in-place safe, any output
+structure, repeated calls suffixed ``#k``); :func:`analyze` streams ``data`` through one or
+two models and feeds registered statistics (:mod:`hierfast.capture.statistics`), returning
+:class:`Results`.
+"""
+from .engine import analyze
+from .layer_capture import LayerCapture
+from .results import Results
+from .statistics import BatchContext, Statistic, available_statistics, get_statistic, register_statistic
+
+__all__ = ["LayerCapture", "analyze", "Results", "BatchContext", "Statistic", "register_statistic",
+           "get_statistic", "available_statistics"]

@@ -1,0 +1,369 @@
+"""hierfast.analyze: stream a dataset through a model (or two) and accumulate statistics."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import _checkpoint
+from ._data import call_model, parse_batch, to_device
+from .layer_capture import LayerCapture
+from .results import Results
+from .statistics import BatchContext, get_statistic
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _resolve_stats(stats) -> list[tuple[str, dict]]:
+    if isinstance(stats, str):
+        stats = (stats,)
+    items = list(stats.items()) if isinstance(stats, Mapping) else [(s, {}) for s in stats]
+    if not items:
+        raise ValueError("stats is empty; pass at least one statistic name, e.g. stats=('cka',)")
+    out = []
+    for name, opts in items:
+        get_statistic(name)  # raises for unknown names
+        if not isinstance(opts, Mapping):
+            raise TypeError(f"stats[{name!r}] must be a dict of options, got {type(opts).__name__}")
+        out.append((name, dict(opts)))
+    if len({n for n, _ in out}) != len(out):
+        raise ValueError(f"stats lists a statistic twice: {[n for n, _ in out]}")
+    return out
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _first_nonfinite(feats: dict) -> tuple[str, int] | None:
+    """(layer, first bad sample) of the first layer with NaN/inf, or None. One reduction per
+    layer and a single host sync; the exact check only runs when a sum is not finite."""
+    if not feats:
+        return None
+    sums = torch.stack([f.sum(dtype=torch.float64) if f.is_floating_point() else f.sum().double()
+                        for f in feats.values()])
+    if bool(torch.isfinite(sums).all()):
+        return None
+    for name, f in feats.items():
+        bad = ~torch.isfinite(f)
+        if bool(bad.any()):
+            return name, int(bad.reshape(f.shape[0], -1).any(dim=1).nonzero()[0, 0])
+    return None
+
+
+def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), compare_to: nn.Module | None = None,
+            layers_b=None, reduce="flatten", output_fn=None, device=None, max_batches: int | None = None,
+            progress: bool = True, checkpoint=None, checkpoint_every: int = 50, on_nonfinite: str = "raise",
+            group=None) -> Results:
+    """Measure per-layer statistics of ``model`` over ``data`` in one streaming pass.
+
+    Args:
+        model: any ``nn.Module``; run in eval mode under ``torch.inference_mode()`` (its
+            ``training`` flags are restored afterwards).
+        data: an iterable of batches — tensors, ``(x, y)`` tuples, dicts of tensors (Hugging
+            Face tokenizer output), a ``DataLoader`` (see ``hierfast.capture._data``).
+            Resuming from a checkpoint needs the same batches in the same order.
+        layers: which layers to record (see :class:`LayerCapture`); default every conv,
+            linear, recurrent and attention block.
+        stats: statistic names (registered with ``register_statistic``), or a dict
+            ``{name: options}``. ``"cka"``: debiased minibatch linear CKA of every pair.
+        compare_to: a second model fed the same batches in the same order: statistics are
+            model x compare_to (``La x Lb``). Without it, ``L x L`` from one forward per batch.
+        layers_b: layer selection in ``compare_to`` (default: ``layers``).
+        reduce, output_fn: how outputs become ``(M, d)`` features (see :class:`LayerCapture`).
+        device: where to run; the model(s) are moved there (``nn.Module.to``). Default: the
+            device of each model's parameters. Batches are moved to the model's device.
+        max_batches: stop after this many batches of ``data`` (counting skipped ones).
+        progress: tqdm bar on stderr (only when stderr is a terminal).
+        checkpoint: file path; states and the next batch index are written atomically every
+            ``checkpoint_every`` batches, at the end, and when the run stops on an exception.
+            If the file exists the run resumes from it (earlier batches are read from
+            ``data`` and discarded, not run), giving exactly the uninterrupted result.
+            Distributed runs write one file per rank (``name.rank{r}.pt``).
+        on_nonfinite: ``"raise"`` (ValueError naming the layer and batch) or ``"skip"`` (the
+            batch is left out of every statistic, counted in ``Results.n_skipped``, warned).
+        group: ``torch.distributed`` process group for the final sum (default: world).
+
+    Distributed: when ``torch.distributed`` is initialised, every rank must call ``analyze``
+    with its own shard of the data — e.g. ``DataLoader(ds, sampler=DistributedSampler(ds,
+    shuffle=False), batch_size=b)`` — and at least one batch. Each rank streams its shard;
+    the statistic states are summed with one ``all_reduce`` per statistic at the end, and
+    every rank returns the same Results. Minibatch CKA sums per-batch HSIC terms, so the
+    result equals one process seeing the same batches (up to float64 summation order).
+
+    Returns:
+        :class:`Results` with ``.layers``, ``.shapes``, ``.n_samples`` and one attribute per
+        statistic (``.cka``: ``(La, Lb)`` float64).
+
+    Example:
+        >>> import torch, hierfast
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> data = [torch.randn(32, 8) for _ in range(4)]
+        >>> res = hierfast.analyze(net, data, progress=False)
+        >>> res.layers, tuple(res.cka.shape), res.n_samples
+        (['0', '2'], (2, 2), 128)
+    """
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if isinstance(data, (torch.Tensor, Mapping)):
+        raise TypeError("data must be an iterable of batches (a list of tensors, a DataLoader, ...), not a single "
+                        f"{type(data).__name__}; wrap one batch as [batch]")
+    if compare_to is not None and not isinstance(compare_to, nn.Module):
+        raise TypeError(f"compare_to must be an nn.Module or None, got {type(compare_to).__name__}")
+    specs = _resolve_stats(stats)
+    if device is not None:
+        model.to(device)
+        if compare_to is not None:
+            compare_to.to(device)
+    dev_a = _model_device(model)
+    dev_b = _model_device(compare_to) if compare_to is not None else None
+    cap_a = LayerCapture(model, layers, reduce=reduce, output_fn=output_fn)
+    cap_b = (LayerCapture(compare_to, layers if layers_b is None else layers_b, reduce=reduce, output_fn=output_fn)
+             if compare_to is not None else None)
+    token_like = _token_like(reduce)
+    dist = _dist()
+    rank = dist.get_rank(group) if dist is not None else None
+    ckpt_path = _checkpoint.rank_path(checkpoint, rank) if checkpoint is not None else None
+
+    run = _Run(model, compare_to, cap_a, cap_b, dev_a, dev_b, token_like)
+    state = _checkpoint.load(ckpt_path) if ckpt_path is not None else None
+    start = 0
+    objs: dict | None = None
+    if state is not None:
+        if [n for n, _ in specs] != state["stat_names"]:
+            raise ValueError(f"checkpoint={str(ckpt_path)!r} holds statistics {state['stat_names']}, this call asks "
+                             f"for {[n for n, _ in specs]}; delete the file or use another path")
+        start = state["next_batch"]
+        run.restore(state)
+        run.ckpt = ckpt_path
+        objs = {}
+        for name, opts in specs:
+            objs[name] = get_statistic(name)(run.layers_a, run.layers_b, **opts)
+            objs[name].load_state_dict(state["states"][name])
+
+    def save_ckpt():
+        _checkpoint.save(ckpt_path, {"next_batch": run.next_batch, "stat_names": [n for n, _ in specs],
+                                     "states": {k: s.state_dict() for k, s in objs.items()}, **run.meta()})
+
+    flags = [(m, m.training) for m in (model, compare_to) if m is not None]
+    total = _length(data)
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    bar = _bar(total, start, progress)
+    run.next_batch = start
+    consistent = True
+    try:
+        for m, _ in flags:
+            m.eval()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(cap_a)
+            if cap_b is not None:
+                stack.enter_context(cap_b)
+            it = iter(data)
+            for _ in itertools.islice(it, start):  # resume: these batches are already counted
+                pass
+            for i in itertools.count(start):
+                if max_batches is not None and i >= max_batches:
+                    break
+                try:
+                    raw = next(it)
+                except StopIteration:
+                    break
+                b = parse_batch(raw, i)
+                inputs = to_device(b.inputs, dev_a)
+                mask = b.mask.to(dev_a) if b.mask is not None else None
+                fa, fb = run.forward(inputs, mask, i, b.size)
+                bad = _first_nonfinite(fa) or _first_nonfinite(fb or {})
+                if bad is not None:
+                    which = "model" if bad[0] in fa else "compare_to"
+                    if on_nonfinite == "raise":
+                        raise ValueError(f"layer {bad[0]!r} of {which} produced NaN or inf at batch {i} (first at "
+                                         f"sample {bad[1]}); check the model and inputs, or pass "
+                                         "on_nonfinite='skip' to leave such batches out")
+                    run.n_skipped += 1
+                    run.next_batch = i + 1
+                    del fa, fb
+                    bar.update(1)
+                    continue
+                if objs is None:
+                    objs = {name: get_statistic(name)(run.layers_a, run.layers_b, **opts) for name, opts in specs}
+                labels = to_device(b.labels, dev_a) if isinstance(b.labels, torch.Tensor) else b.labels
+                ctx = BatchContext(index=i, inputs=inputs, labels=labels, attention_mask=mask, batch_size=b.size,
+                                   forward=lambda x: run.forward(to_device(x, dev_a), _mask_of(x, dev_a), i, None))
+                consistent = False  # a failure between here and the end leaves statistics half-updated
+                for s in objs.values():
+                    s.update_batch(fa, fb, ctx)
+                consistent = True
+                del fa, fb, ctx
+                run.n_samples += b.size
+                run.n_batches += 1
+                run.next_batch = i + 1
+                bar.update(1)
+                if ckpt_path is not None and run.next_batch % checkpoint_every == 0:
+                    save_ckpt()
+            if objs is None:
+                raise ValueError(_empty_message(data, start, run.n_skipped, rank))
+            if ckpt_path is not None:
+                save_ckpt()  # before sync: each rank's file holds its own shard's sums
+            if dist is not None:
+                run.sync(dist, group)
+                for s in objs.values():
+                    s.sync(group)
+            values = {name: s.compute() for name, s in objs.items()}
+    except BaseException:
+        # keep everything done so far (a model raising mid-run, Ctrl-C): rerunning resumes
+        if ckpt_path is not None and objs is not None and consistent and run.n_batches:
+            save_ckpt()
+        raise
+    finally:
+        bar.close()
+        for m, was in flags:
+            m.train(was)
+    if run.n_skipped:
+        warnings.warn(f"analyze skipped {run.n_skipped} batch(es) with NaN/inf activations (on_nonfinite='skip')",
+                      RuntimeWarning, stacklevel=2)
+    return Results(layers=run.layers_a, layers_b=run.layers_b, shapes=cap_a.shapes | run.shapes_a,
+                   shapes_b=(cap_b.shapes | run.shapes_b) if cap_b is not None else None,
+                   n_samples=run.n_samples, n_batches=run.n_batches, n_skipped=run.n_skipped, values=values,
+                   config={"reduce": reduce if isinstance(reduce, str) else repr(reduce),
+                           "stats": [n for n, _ in specs], "world_size": dist.get_world_size(group) if dist else 1})
+
+
+def _mask_of(x, dev):
+    m = x.get("attention_mask") if isinstance(x, Mapping) else None
+    return m.to(dev) if m is not None else None
+
+
+def _token_like(reduce) -> bool:
+    vals = reduce.values() if isinstance(reduce, Mapping) else [reduce]
+    return any(v == "tokens" or callable(v) for v in vals)
+
+
+def _length(data):
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _bar(total, start, progress):
+    from tqdm.auto import tqdm
+
+    disable = not progress or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    return tqdm(total=total, initial=start, disable=disable, desc="hierfast.analyze", unit="batch", leave=False)
+
+
+def _empty_message(data, start, skipped, rank) -> str:
+    if skipped:
+        return f"every batch of data had NaN/inf activations ({skipped} skipped); nothing to compute"
+    if start:
+        return (f"data has no batch after the {start} already in the checkpoint; delete the checkpoint to "
+                "recompute, or pass more data")
+    where = f" on rank {rank} (give every rank at least one batch)" if rank is not None else ""
+    return f"data yielded no batches{where}; pass a non-empty iterable of batches (is the DataLoader empty?)"
+
+
+class _Run:
+    """Per-call state: forwards through the captures, layout checks, counters."""
+
+    def __init__(self, model, model_b, cap_a, cap_b, dev_a, dev_b, token_like):
+        self.model, self.model_b, self.cap_a, self.cap_b = model, model_b, cap_a, cap_b
+        self.dev_a, self.dev_b, self.token_like = dev_a, dev_b, token_like
+        self.layers_a: list[str] | None = None
+        self.layers_b: list[str] | None = None
+        self.shapes_a: dict = {}
+        self.shapes_b: dict = {}
+        self.n_samples = self.n_batches = self.n_skipped = self.next_batch = 0
+        self.ckpt = None  # path of a restored checkpoint until the first forward is checked against it
+
+    def meta(self) -> dict:
+        return {"layers_a": self.layers_a, "layers_b": self.layers_b, "n_samples": self.n_samples,
+                "n_batches": self.n_batches, "n_skipped": self.n_skipped,
+                "shapes_a": {k: list(v) for k, v in (self.cap_a.shapes | self.shapes_a).items()},
+                "shapes_b": {k: list(v) for k, v in ((self.cap_b.shapes if self.cap_b else {}) | self.shapes_b).items()}}
+
+    def restore(self, state: dict) -> None:
+        self.layers_a, self.layers_b = state["layers_a"], state["layers_b"]
+        self.n_samples, self.n_batches, self.n_skipped = state["n_samples"], state["n_batches"], state["n_skipped"]
+        self.shapes_a = {k: tuple(v) for k, v in state["shapes_a"].items()}
+        self.shapes_b = {k: tuple(v) for k, v in state["shapes_b"].items()}
+
+    def sync(self, dist, group) -> None:
+        t = torch.tensor([self.n_samples, self.n_batches, self.n_skipped], dtype=torch.float64,
+                         device=self.dev_a if self.dev_a.type == "cuda" else "cpu")
+        dist.all_reduce(t, group=group)
+        self.n_samples, self.n_batches, self.n_skipped = (int(v) for v in t.tolist())
+
+    def _one(self, model, cap, inputs, mask, dev, which, index):
+        cap.attention_mask = mask.to(dev) if mask is not None else None
+        call_model(model, to_device(inputs, dev))
+        missing = cap.missing()
+        feats = cap.pop()
+        if missing:
+            raise ValueError(f"layer(s) {missing} of {which} were selected by name but did not run during the forward "
+                             f"of batch {index} (the model's forward bypasses them); select other layers")
+        if not feats:
+            raise ValueError(f"none of the selected layers of {which} ran during the forward of batch {index}: "
+                             f"{cap.names[:10]}; they may be skipped by the model's forward (select others)")
+        return feats
+
+    def forward(self, inputs, mask, index: int, batch_size: int | None):
+        fa = self._one(self.model, self.cap_a, inputs, mask, self.dev_a, "model", index)
+        fb = None
+        if self.model_b is not None:
+            fb = self._one(self.model_b, self.cap_b, inputs, mask, self.dev_b, "compare_to", index)
+            if self.dev_b != self.dev_a:
+                fb = {k: v.to(self.dev_a) for k, v in fb.items()}
+        self.layers_a = _check_layout(self.layers_a, fa, "model", index, self.ckpt)
+        if fb is not None:
+            self.layers_b = _check_layout(self.layers_b, fb, "compare_to", index, self.ckpt)
+        self.ckpt = None  # checked against the checkpoint once; later batches against the first
+        self._check_sizes(fa, fb, index, batch_size)
+        return fa, fb
+
+    def _check_sizes(self, fa, fb, index, batch_size):
+        sizes = [("model", k, v.shape[0]) for k, v in fa.items()]
+        sizes += [("compare_to", k, v.shape[0]) for k, v in (fb or {}).items()]
+        n0 = sizes[0][2]
+        odd = [s for s in sizes if s[2] != n0]
+        if odd:
+            w, k, n = odd[0]
+            raise ValueError(f"mismatched sample counts at batch {index}: layer {sizes[0][1]!r} of {sizes[0][0]} has "
+                             f"{n0} samples but layer {k!r} of {w} has {n}; every layer of both models must give one "
+                             "row per input sample (time-major output? pass output_fn returning (N, ...))")
+        if batch_size is not None and not self.token_like and n0 != batch_size:
+            raise ValueError(f"layer {sizes[0][1]!r} of {sizes[0][0]} gave {n0} rows for a batch of {batch_size} "
+                             f"samples (batch {index}); its output is not batch-first: pass output_fn returning "
+                             "(N, ...) for it")
+
+
+def _check_layout(known, feats, which, index, ckpt=None):
+    names = list(feats)
+    if known is None:
+        return names
+    if names != known and ckpt is not None:
+        raise ValueError(f"checkpoint={str(ckpt)!r} was written for layers {known} of {which}, but this call records "
+                         f"{names}; delete the checkpoint or use another path for a different analysis")
+    if names != known:
+        raise ValueError(f"{which} recorded layers {names} at batch {index} but {known} before; the recorded layers "
+                         "must be the same on every batch (data-dependent control flow? select layers that always "
+                         "run)")
+    return known

@@ -209,14 +209,17 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                 if objs is None:
                     objs = {name: get_statistic(name)(run.layers_a, run.layers_b, **opts) for name, opts in specs}
                 labels = to_device(b.labels, dev_a) if isinstance(b.labels, torch.Tensor) else b.labels
-                ctx = BatchContext(index=i, inputs=inputs, labels=labels, attention_mask=mask, batch_size=b.size,
+                # samples = rows of the features (right for time-major models too), or the
+                # inputs' N when tokens are the rows
+                n = b.size if run.token_like else run.rows
+                ctx = BatchContext(index=i, inputs=inputs, labels=labels, attention_mask=mask, batch_size=n,
                                    forward=lambda x: run.forward(to_device(x, dev_a), _mask_of(x, dev_a), i, None))
                 consistent = False  # a failure between here and the end leaves statistics half-updated
                 for s in objs.values():
                     s.update_batch(fa, fb, ctx)
                 consistent = True
                 del fa, fb, ctx
-                run.n_samples += b.size
+                run.n_samples += n
                 run.n_batches += 1
                 run.next_batch = i + 1
                 bar.update(1)
@@ -295,6 +298,7 @@ class _Run:
         self.shapes_a: dict = {}
         self.shapes_b: dict = {}
         self.n_samples = self.n_batches = self.n_skipped = self.next_batch = 0
+        self.rows = 0  # samples (feature rows) of the last forward
         self.ckpt = None  # path of a restored checkpoint until the first forward is checked against it
 
     def meta(self) -> dict:
@@ -339,7 +343,7 @@ class _Run:
         if fb is not None:
             self.layers_b = _check_layout(self.layers_b, fb, "compare_to", index, self.ckpt)
         self.ckpt = None  # checked against the checkpoint once; later batches against the first
-        self._check_sizes(fa, fb, index, batch_size)
+        self.rows = self._check_sizes(fa, fb, index, batch_size)
         return fa, fb
 
     def _check_sizes(self, fa, fb, index, batch_size):
@@ -352,10 +356,14 @@ class _Run:
             raise ValueError(f"mismatched sample counts at batch {index}: layer {sizes[0][1]!r} of {sizes[0][0]} has "
                              f"{n0} samples but layer {k!r} of {w} has {n}; every layer of both models must give one "
                              "row per input sample (time-major output? pass output_fn returning (N, ...))")
-        if batch_size is not None and not self.token_like and n0 != batch_size:
+        # inputs are (N, ...) unless a model holds time-major (batch_first=False) blocks, whose
+        # inputs may be (T, N, ...): only then is the input's first dimension not the batch size
+        batch_first = not (self.cap_a._time_major or (self.cap_b is not None and self.cap_b._time_major))
+        if batch_size is not None and not self.token_like and batch_first and n0 != batch_size:
             raise ValueError(f"layer {sizes[0][1]!r} of {sizes[0][0]} gave {n0} rows for a batch of {batch_size} "
                              f"samples (batch {index}); its output is not batch-first: pass output_fn returning "
                              "(N, ...) for it")
+        return n0
 
 
 def _check_layout(known, feats, which, index, ckpt=None):

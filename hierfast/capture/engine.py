@@ -172,6 +172,7 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
     bar = _bar(total, start, progress)
     run.next_batch = start
     consistent = True
+    labels = None
     try:
         for m, _ in flags:
             m.eval()
@@ -186,6 +187,7 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
             for i in itertools.count(start):
                 if max_batches is not None and i >= max_batches:
                     break
+                raw = b = inputs = mask = labels = None  # drop the last batch before loading the next
                 try:
                     raw = next(it)
                 except StopIteration:

@@ -511,3 +511,28 @@ def test_output_structures_default_and_output_fn():
     with pytest.raises(TypeError, match="output_fn returned str"), LayerCapture(net, ["0"], output_fn=lambda o: "x"), \
             torch.no_grad():
         net(x)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, TOL)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dtypes_and_channels_last(dtype, tol, channels_last):
+    net = InplaceCNN().to(dtype)
+    data = [x.to(dtype) for x in _batches(3, 9, 3, 8, 8, seed=11)]
+    if channels_last:  # conv outputs are then non-contiguous in NCHW order: flatten must copy correctly
+        net = net.to(memory_format=torch.channels_last)
+        data = [x.contiguous(memory_format=torch.channels_last) for x in data]
+    res = analyze(net, data, progress=False)
+    ref = minibatch_cka_matrix([net.reference(x) for x in data])
+    torch.testing.assert_close(res.cka, ref, atol=tol, rtol=0)
+
+
+def test_progress_bar_silent_without_tty_and_mask_errors(capsys):
+    net = InplaceCNN()
+    analyze(net, _batches(2, 8, 3, 8, 8), progress=True)
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal
+    data = _seq_data(1)
+    data[0]["attention_mask"][3] = 0
+    with pytest.raises(ValueError, match="keeps no token"):
+        analyze(Encoder(), data, layers="proj", reduce="mean", progress=False)
+    with pytest.raises(ValueError, match=r"needs \(N, T, D\)"):
+        analyze(net, _batches(1, 8, 3, 8, 8), layers="fc", reduce="cls", progress=False)

@@ -12,6 +12,9 @@ Workloads (float32, batch 128, random 3x32x32 inputs, seed 1234):
   blocks of widths 64-128-256-512, BatchNorm, ReLU(inplace=True), 1x1 projection shortcuts,
   global average pool, linear 512 -> 10): 21 layers recorded (20 convs + the linear).
 
+Timing: the two are timed alternately (plain, analyze, plain, ...; see bench_pair) because
+the machine may be shared; the overhead is the median of the per-pair time ratios.
+
 Accuracy: analyze's matrix against a float64 reference of the same estimator computed from
 features captured by plain hooks that clone (untimed, bench_cka.ref_step per batch).
 
@@ -26,7 +29,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import bench, row  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+from _common import row, sync  # noqa: E402
 from bench_cka import INPUT_SEED, _ratio, deviation, make_cnn, ref_step  # noqa: E402
 
 BATCH = 128
@@ -78,6 +84,37 @@ def make_resnet(seed: int = 0) -> ResNet18:
     return ResNet18().eval()
 
 
+# --------------------------------------------------------------------------- timing
+def bench_pair(fa, fb, *, budget_s: float, min_repeats: int, max_repeats: int):
+    """Time ``fa`` and ``fb`` alternately (a, b, a, b, ...) after one warm-up call each.
+
+    The machine is shared: load that changes during the run then hits both sides alike, and
+    the median of the per-pair ratios b/a is robust to it (sequential blocks of repeats are
+    not: one measured 2.5x for the same code that gave 1.3x in a quieter minute).
+    Returns (timing of a, timing of b, median ratio b/a), timings as ``_common.bench``'s.
+    """
+    out = []
+    for f in (fa, fb):
+        sync()
+        t0 = time.perf_counter()
+        res = f()
+        sync()
+        out.append({"warmup": time.perf_counter() - t0, "result": res, "times": []})
+    per_pair = out[0]["warmup"] + out[1]["warmup"]
+    repeats = max(min_repeats, min(max_repeats, int(budget_s / max(per_pair, 1e-6))))
+    for _ in range(repeats):
+        for f, o in zip((fa, fb), out):
+            sync()
+            t0 = time.perf_counter()
+            o["result"] = f()
+            sync()
+            o["times"].append(time.perf_counter() - t0)
+    for o in out:
+        o.update(median=statistics.median(o["times"]), min=min(o["times"]), max=max(o["times"]), repeats=repeats)
+    ratio = statistics.median(b / a for a, b in zip(out[0]["times"], out[1]["times"]))
+    return out[0], out[1], ratio
+
+
 # --------------------------------------------------------------------------- providers
 @torch.inference_mode()
 def plain_inference(model, batches) -> None:
@@ -114,24 +151,23 @@ def reference(model, batches, names) -> torch.Tensor:
 
 def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
-    kw = dict(budget_s=1.0 if quick else 6.0, min_repeats=1 if quick else 3, max_repeats=5 if quick else 10)
+    kw = dict(budget_s=2.0 if quick else 30.0, min_repeats=1 if quick else 5, max_repeats=5 if quick else 11)
     torch.manual_seed(INPUT_SEED)
     for label, model, n in [("8-conv CNN (bench_cka)", make_cnn(0), 256 if quick else 1024),
                             ("ResNet-18-like (CIFAR)", make_resnet(0), 128 if quick else 512)]:
         batches = [torch.randn(BATCH, 3, 32, 32) for _ in range(n // BATCH)]
         wl = f"{label}, {n // BATCH}×{BATCH} inputs 3×32×32"
-        t_plain = bench(lambda: plain_inference(model, batches), **kw)
+        t_plain, t, over = bench_pair(lambda: plain_inference(model, batches),
+                                      lambda: hierfast_analyze(model, batches), **kw)
         rows.append(row(wl, "plain inference (torch.inference_mode, no hooks)", t_plain, ratio=1.0, baseline=True,
-                        note="baseline"))
-        t = bench(lambda: hierfast_analyze(model, batches), **kw)
+                        note="baseline; timed alternately with the row below"))
         res = t["result"]
         ref = reference(model, batches, res.layers)
         dev, nan = deviation(res.cka, ref)
-        over = t["median"] / t_plain["median"]
         d = sum(int(torch.tensor(s).prod()) for s in res.shapes.values())
         rows.append(row(wl, "hierfast.analyze(stats=('cka',))", t, ratio=t_plain["median"] / t["median"],
                         max_dev=dev, nan=nan, overhead=over, hierfast=True, workload_label=label,
-                        note=f"{over:.2f}× plain inference; {len(res.layers)} layers ({res.layers[0]} … "
+                        note=f"{over:.2f}× plain inference (median of paired ratios); {len(res.layers)} layers ({res.layers[0]} … "
                              f"{res.layers[-1]}), flattened, Σd = {d}; {res.n_samples} samples"))
     return rows
 

@@ -324,6 +324,8 @@ def test_selection_kinds_and_unknown_names():
         LayerCapture(net, [3])
     with pytest.raises(ValueError, match="reduce must be"):
         LayerCapture(net, reduce="max")
+    with pytest.raises(ValueError, match="compare_to: .*'conv1'.*layers_b="):
+        analyze(net, _batches(1, 8, 3, 8, 8), layers=["conv1"], compare_to=RNNStack(), progress=False)
 
 
 def test_bad_data():

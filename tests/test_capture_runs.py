@@ -102,6 +102,19 @@ def _worker(rank, world, port, out, ckpt):
         dist.destroy_process_group()
 
 
+def _empty_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        analyze(make_net(), make_data(2) if rank == 0 else [], progress=False)
+    except ValueError as e:
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port():
     import socket
 
@@ -122,6 +135,14 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         got = torch.load(f"{out}.{r}", weights_only=True)
         assert got["n"] == one.n_samples == 72 and got["nb"] == 9
         torch.testing.assert_close(got["cka"], one.cka, atol=1e-6, rtol=0)
+
+
+@pytest.mark.distributed
+def test_rank_without_data_fails_on_every_rank_without_hanging(tmp_path):
+    out = str(tmp_path / "err")
+    mp.spawn(_empty_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for r in range(2):
+        assert "rank(s) [1] received no batch" in open(f"{out}.{r}").read()
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -138,8 +138,13 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
     dev_a = _model_device(model)
     dev_b = _model_device(compare_to) if compare_to is not None else None
     cap_a = LayerCapture(model, layers, reduce=reduce, output_fn=output_fn)
-    cap_b = (LayerCapture(compare_to, layers if layers_b is None else layers_b, reduce=reduce, output_fn=output_fn)
-             if compare_to is not None else None)
+    cap_b = None
+    if compare_to is not None:
+        try:
+            cap_b = LayerCapture(compare_to, layers if layers_b is None else layers_b, reduce=reduce,
+                                 output_fn=output_fn)
+        except ValueError as e:  # say which model the selection failed on
+            raise ValueError(f"compare_to: {e} (select its layers with layers_b=)") from None
     token_like = _token_like(reduce)
     dist = _dist()
     rank = dist.get_rank(group) if dist is not None else None
@@ -227,6 +232,8 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                 bar.update(1)
                 if ckpt_path is not None and run.next_batch % checkpoint_every == 0:
                     save_ckpt()
+            if dist is not None:
+                _agree(dist, group, objs is not None, (run.layers_a, run.layers_b), rank)
             if objs is None:
                 raise ValueError(_empty_message(data, start, run.n_skipped, rank))
             if ckpt_path is not None:
@@ -253,6 +260,21 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                    n_samples=run.n_samples, n_batches=run.n_batches, n_skipped=run.n_skipped, values=values,
                    config={"reduce": reduce if isinstance(reduce, str) else repr(reduce),
                            "stats": [n for n, _ in specs], "world_size": dist.get_world_size(group) if dist else 1})
+
+
+def _agree(dist, group, has_data: bool, layout, rank) -> None:
+    """Before the all_reduce: every rank must have data and the same layers, else every rank
+    raises the same error (one rank raising alone would leave the others waiting forever)."""
+    got = [None] * dist.get_world_size(group)
+    dist.all_gather_object(got, (has_data, layout), group=group)
+    empty = [r for r, (h, _) in enumerate(got) if not h]
+    if empty:
+        raise ValueError(f"rank(s) {empty} received no batch; every rank needs at least one (shard with "
+                         "DistributedSampler, drop_last=False, and fewer ranks than batches)")
+    other = [r for r, (_, lay) in enumerate(got) if lay != got[0][1]]
+    if other:
+        raise ValueError(f"rank(s) {other} recorded other layers than rank 0 ({got[other[0]][1]} vs {got[0][1]}); "
+                         "every rank must run the same model(s) with the same selection")
 
 
 def _mask_of(x, dev):

@@ -324,6 +324,8 @@ def test_selection_kinds_and_unknown_names():
         LayerCapture(net, [3])
     with pytest.raises(ValueError, match="reduce must be"):
         LayerCapture(net, reduce="max")
+    with pytest.raises(ValueError, match="compare_to: .*'conv1'.*layers_b="):
+        analyze(net, _batches(1, 8, 3, 8, 8), layers=["conv1"], compare_to=RNNStack(), progress=False)
 
 
 def test_bad_data():
@@ -353,9 +355,10 @@ def test_mismatched_batch_sizes_between_models():
 
     with pytest.raises(ValueError, match="mismatched sample counts at batch 0"):
         analyze(nn.Sequential(nn.Linear(4, 4)), _batches(2, 8, 4), compare_to=Drop(), progress=False)
-    # time-major output picked by output_fn: not one row per sample
+    # (num_layers, N, H) state picked by output_fn: not one row per sample
+    gru = nn.Sequential(nn.GRU(5, 4, num_layers=2, batch_first=True))
     with pytest.raises(ValueError, match="not batch-first"):
-        analyze(RNNStack(), _batches(1, 8, 6, 5), layers="lstm", output_fn=lambda o: o[0], progress=False)
+        analyze(gru, _batches(1, 8, 6, 5), output_fn=lambda o: o[1], progress=False)
 
 
 class NaNAt(nn.Module):
@@ -453,3 +456,85 @@ def test_statistic_plugin_protocol(tmp_path):
         register_statistic("test_flip", lambda a, b: None)
     with pytest.raises(ValueError, match="identifier"):
         register_statistic("not a name", FlipStat)
+
+
+def test_time_major_transformer_default_selection():
+    """batch_first=False: the layer, its attention and the Linears inside see (T, N, D)."""
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=12, dropout=0.0)  # batch_first=False
+    net = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+    data = [torch.randn(5, 11, 8) for _ in range(2)]  # (T=5, N=11, D=8)
+    res = analyze(net, data, progress=False, output_fn=None)
+    assert res.layers == ["layers.0.self_attn", "layers.0.linear1", "layers.0.linear2", "layers.0"]
+    ref = []
+    with torch.enable_grad():  # the plain math path, layer by layer
+        for x in data:
+            L = net.layers[0]
+            sa = L.self_attn(x, x, x, need_weights=False)[0]
+            h = L.norm1(x + sa)
+            l1 = L.linear1(h)
+            l2 = L.linear2(L.activation(l1))
+            out = L.norm2(h + l2)
+            ref.append([t.detach().transpose(0, 1).reshape(11, -1) for t in (sa, l1, l2, out)])
+    torch.testing.assert_close(res.cka, minibatch_cka_matrix(ref), atol=TOL, rtol=0)
+    assert res.n_samples == 2 * 11  # rows of the (batch-first) features, not the inputs' first dimension
+
+
+def test_output_structures_default_and_output_fn():
+    class Out:  # a ModelOutput-like object
+        def __init__(self, h):
+            self.last_hidden_state, self.pooler_output = h, h[:, 0]
+
+    class Multi(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.kind, self.fc = kind, nn.Linear(4, 6)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return {"tuple": lambda: (None, [h, h * 2]), "dict": lambda: {"logits": h * 3, "other": h},
+                    "hf_dict": lambda: {"x": h * 2, "last_hidden_state": h},
+                    "object": lambda: Out(h), "none": lambda: (None, "text")}[self.kind]()
+
+    x = torch.randn(6, 4)
+    for kind, scale in [("tuple", 1), ("dict", 3), ("hf_dict", 1), ("object", 1)]:
+        net = nn.Sequential(Multi(kind))
+        with LayerCapture(net, ["0"]) as cap, torch.no_grad():
+            net(x)
+            torch.testing.assert_close(cap.features["0"], scale * net[0].fc(x))
+    net = nn.Sequential(Multi("none"))
+    with pytest.raises(TypeError, match="no tensor"), LayerCapture(net, ["0"]), torch.no_grad():
+        net(x)
+    net = nn.Sequential(Multi("dict"))
+    with LayerCapture(net, ["0"], output_fn=lambda name, mod, out: out["other"] + len(name)) as cap, \
+            torch.no_grad():
+        net(x)
+        torch.testing.assert_close(cap.features["0"], net[0].fc(x) + 1)
+    with pytest.raises(TypeError, match="output_fn returned str"), LayerCapture(net, ["0"], output_fn=lambda o: "x"), \
+            torch.no_grad():
+        net(x)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, TOL)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dtypes_and_channels_last(dtype, tol, channels_last):
+    net = InplaceCNN().to(dtype)
+    data = [x.to(dtype) for x in _batches(3, 9, 3, 8, 8, seed=11)]
+    if channels_last:  # conv outputs are then non-contiguous in NCHW order: flatten must copy correctly
+        net = net.to(memory_format=torch.channels_last)
+        data = [x.contiguous(memory_format=torch.channels_last) for x in data]
+    res = analyze(net, data, progress=False)
+    ref = minibatch_cka_matrix([net.reference(x) for x in data])
+    torch.testing.assert_close(res.cka, ref, atol=tol, rtol=0)
+
+
+def test_progress_bar_silent_without_tty_and_mask_errors(capsys):
+    net = InplaceCNN()
+    analyze(net, _batches(2, 8, 3, 8, 8), progress=True)
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal
+    data = _seq_data(1)
+    data[0]["attention_mask"][3] = 0
+    with pytest.raises(ValueError, match="keeps no token"):
+        analyze(Encoder(), data, layers="proj", reduce="mean", progress=False)
+    with pytest.raises(ValueError, match=r"needs \(N, T, D\)"):
+        analyze(net, _batches(1, 8, 3, 8, 8), layers="fc", reduce="cls", progress=False)

@@ -90,14 +90,27 @@ def test_model_raising_mid_run_keeps_everything(tmp_path):
 
 
 # -- distributed -------------------------------------------------------------------------------
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, ckpt):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         shard = make_data(9)[rank::world]  # what DistributedSampler(shuffle=False) would give, by batch
-        res = analyze(make_net(), shard, compare_to=make_net(1), progress=False)
+        res = analyze(make_net(), shard, compare_to=make_net(1), progress=False, checkpoint=ckpt)
         torch.save({"cka": res.cka, "n": res.n_samples, "nb": res.n_batches}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _empty_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        analyze(make_net(), make_data(2) if rank == 0 else [], progress=False)
+    except ValueError as e:
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(str(e))
     finally:
         dist.destroy_process_group()
 
@@ -113,12 +126,23 @@ def _free_port():
 @pytest.mark.distributed
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     out = str(tmp_path / "res")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ckpt = tmp_path / "ck.pt"
+    mp.spawn(_worker, args=(2, _free_port(), out, str(ckpt)), nprocs=2, join=True)
+    # one checkpoint per rank, each with its own shard's count (written before the sum)
+    assert [torch.load(tmp_path / f"ck.rank{r}.pt", weights_only=True)["n_batches"] for r in range(2)] == [5, 4]
     one = analyze(make_net(), make_data(9), compare_to=make_net(1), progress=False)
     for r in range(2):
         got = torch.load(f"{out}.{r}", weights_only=True)
         assert got["n"] == one.n_samples == 72 and got["nb"] == 9
         torch.testing.assert_close(got["cka"], one.cka, atol=1e-6, rtol=0)
+
+
+@pytest.mark.distributed
+def test_rank_without_data_fails_on_every_rank_without_hanging(tmp_path):
+    out = str(tmp_path / "err")
+    mp.spawn(_empty_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for r in range(2):
+        assert "rank(s) [1] received no batch" in open(f"{out}.{r}").read()
 
 
 # -- memory ------------------------------------------------------------------------------------

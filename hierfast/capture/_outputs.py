@@ -7,8 +7,10 @@ Default policy (documented in :class:`~hierfast.capture.LayerCapture`):
 - a tuple/list (``nn.LSTM``'s ``(output, (h, c))``, ``nn.MultiheadAttention``'s
   ``(output, weights)``, Hugging Face tuples): its first tensor, searched depth-first.
 Modules whose ``batch_first`` is False (``nn.LSTM``/``GRU``/``RNN``, ``nn.MultiheadAttention``,
-``nn.Transformer*Layer`` built without ``batch_first=True``) return ``(T, N, ...)``: the default
-policy transposes to ``(N, T, ...)``. An ``output_fn`` must itself return ``(N, ...)``.
+``nn.Transformer*Layer`` built without ``batch_first=True``) return ``(T, N, ...)``, and so do
+the modules inside them: the default policy transposes these to ``(N, T, ...)``. (Other
+time-major code cannot be detected; the engine then reports that a layer gave a number of
+rows different from the batch size, and ``output_fn`` can fix the layout.) An ``output_fn`` must itself return ``(N, ...)``.
 """
 from __future__ import annotations
 
@@ -49,8 +51,23 @@ def seq_first(module: nn.Module) -> bool:
     return bf is False
 
 
-def pick_output(module: nn.Module, out, name: str, output_fn=None) -> torch.Tensor:
-    """Apply ``output_fn`` (one argument: the output) or the default policy; returns ``(N, ...)``."""
+_TIME_MAJOR_BLOCKS = (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def time_major_names(model: nn.Module) -> set[str]:
+    """Names of the modules that return ``(T, N, ...)``: recurrent/attention blocks built with
+    ``batch_first=False`` and every module inside them (e.g. the ``linear1`` of such a
+    ``TransformerEncoderLayer`` sees ``(T, N, D)`` too)."""
+    out: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, _TIME_MAJOR_BLOCKS) and seq_first(m):
+            out.update(f"{name}.{sub}" if name and sub else (name or sub) for sub, _ in m.named_modules())
+    return out
+
+
+def pick_output(module: nn.Module, out, name: str, output_fn=None, time_major: bool | None = None) -> torch.Tensor:
+    """Apply ``output_fn`` (one argument: the output) or the default policy; returns ``(N, ...)``.
+    ``time_major``: transpose dims 0 and 1 (default: ``seq_first(module)``)."""
     if output_fn is not None:
         t = output_fn(out)
         if not isinstance(t, torch.Tensor):
@@ -61,7 +78,7 @@ def pick_output(module: nn.Module, out, name: str, output_fn=None) -> torch.Tens
     if t is None:
         raise TypeError(f"layer {name!r} ({type(module).__name__}) returned {type(out).__name__} with no tensor "
                         "in it; pass output_fn=lambda out: ... to pick the tensor to record, or do not select it")
-    if seq_first(module) and t.dim() >= 2:
+    if (seq_first(module) if time_major is None else time_major) and t.dim() >= 2:
         t = t.transpose(0, 1)
     return t
 

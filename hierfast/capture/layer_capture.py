@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._outputs import _takes_three, pick_output
+from ._outputs import _takes_three, pick_output, time_major_names
 from ._reduce import check_policy, policy_for, reduce_output
 from ._select import select_layers
 
@@ -27,7 +27,8 @@ class LayerCapture:
             ``f(name, module, out)``; it must return ``(N, ...)``. Default: the tensor itself,
             ``last_hidden_state`` of Hugging Face outputs, else the first tensor of a
             tuple/list/dict (``nn.LSTM``: ``output`` of ``(output, (h, c))``); time-major
-            outputs of ``batch_first=False`` modules are transposed to ``(N, T, ...)``.
+            outputs of ``batch_first=False`` recurrent/attention blocks (and of the modules inside
+            them) are transposed to ``(N, T, ...)``.
 
     What is recorded is what the layer *returned*: the reduction runs inside the hook and
     its result is copied if it still shares memory with the output, so a later
@@ -70,6 +71,7 @@ class LayerCapture:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._calls: dict[str, int] = {}
         self._handles: list = []
+        self._time_major = time_major_names(model)
         self._fastpath = None
 
     @property
@@ -117,13 +119,14 @@ class LayerCapture:
     # -- the hook --------------------------------------------------------------------------
     def _make_hook(self, name: str):
         policy = policy_for(self.reduce, name)
+        tm = name in self._time_major
 
         def hook(module, args, out):
             k = self._calls.get(name, 0)
             self._calls[name] = k + 1
             key = name if k == 0 else f"{name}#{k}"
             if self.output_fn is None:
-                t = pick_output(module, out, name)
+                t = pick_output(module, out, name, time_major=tm)
             elif self._out3:
                 t = pick_output(module, out, name, lambda o: self.output_fn(name, module, o))
             else:

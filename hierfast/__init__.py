@@ -10,3 +10,11 @@ from ._info import format_info, info  # noqa: E402
 from . import backends, ops, stats  # noqa: E402
 
 __all__ = ["__version__", "info", "format_info", "backends", "ops", "stats"]
+
+
+def __getattr__(name):  # lazy: hierfast.nn / hierfast.functional import on first use
+    if name in ("nn", "functional"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'hierfast' has no attribute {name!r}")

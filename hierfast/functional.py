@@ -124,7 +124,7 @@ def _conv2d_act_backward_op(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     a = A.Activation(act, act_code, alpha)
     gx, gw, gb = K.backward(gy, x, w, saved, K.ConvArgs(stride, padding, dilation, groups), a, mask)
     # custom ops cannot return None: empty placeholders where no gradient was asked for
-    return (gx if gx is not None else x.new_empty(0), gw if gw is not None else w.new_empty(0),
+    return (_like(gx, x) if gx is not None else x.new_empty(0), _like(gw, w) if gw is not None else w.new_empty(0),
             gb if gb is not None else w.new_empty(0))
 
 
@@ -132,6 +132,12 @@ def _conv2d_act_backward_op(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
 def _(gy, x, w, saved, stride, padding, dilation, groups, act, act_code, alpha, mask):
     return (torch.empty_like(x) if mask[0] else x.new_empty(0), torch.empty_like(w) if mask[1] else w.new_empty(0),
             w.new_empty(w.shape[0]) if mask[2] else w.new_empty(0))
+
+
+def _like(g, t):
+    """``g`` with ``t``'s strides (torch's conv backward picks layouts its meta kernel
+    does not always predict; the fake above promises ``empty_like``)."""
+    return g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
 
 
 def _setup_context(ctx, inputs, output):

@@ -4,6 +4,9 @@
 // the backward pass through the activation fused with the bias-gradient reduction.
 // Layouts: NCHW-contiguous (one channel per HW plane) or NHWC (channels_last: C
 // contiguous per pixel). Activation math: csrc/include/hierfast/act.h.
+// The activation loops contain selects over both computed branches; GCC if-converts
+// (and so vectorises) them only when FP operations are assumed not to trap.
+#pragma GCC optimize("no-trapping-math")
 #include <omp.h>
 
 #include <algorithm>

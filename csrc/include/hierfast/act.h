@@ -41,12 +41,23 @@ HF_HD bool grad_from_output(int code, double alpha) {
          code == kTanh || (code == kLeakyReLU && alpha > 0.0);
 }
 
-HF_HD float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+#if defined(__CUDACC__)
+HF_HD float bits_to_float(uint32_t b) { return __uint_as_float(b); }
+#else
+HF_HD float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
+#endif
+
+// Branch-free min/max/abs as selects (fminf/fmaxf have NaN rules that keep GCC from
+// vectorising them). A NaN first argument propagates (NaN in -> NaN out, as torch).
+template <typename T> HF_HD T vmax(T a, T b) { return a < b ? b : a; }
+template <typename T> HF_HD T vmin(T a, T b) { return a > b ? b : a; }
+template <typename T> HF_HD T vabs(T a) { return a < (T)0 ? -a : a; }
 
 // exp(x) for float: Cephes expf (range reduction by ln2, degree-6 polynomial).
+// Rounding to nearest via the 1.5 * 2^23 trick (vectorises; floorf does not).
 HF_HD float fexp(float x) {
-  x = fminf(fmaxf(x, -87.0f), 88.0f);
-  float n = floorf(x * 1.44269504088896341f + 0.5f);
+  x = vmin(vmax(x, -87.0f), 88.0f);
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500E-4f;
   p = p * r + 1.3981999507E-3f;
@@ -61,7 +72,7 @@ HF_HD double fexp(double x) { return exp(x); }
 
 // tanh: Cephes tanhf (odd polynomial below 0.625, exp form above).
 HF_HD float ftanh(float x) {
-  float a = fabsf(x);
+  float a = vabs(x);
   float z = x * x;
   float small = ((((-5.70498872745E-3f * z + 2.06390887954E-2f) * z - 5.37397155531E-2f) * z +
                   1.33314422036E-1f) * z - 3.33332819422E-1f) * z * x + x;
@@ -88,14 +99,14 @@ HF_HD double ferfc_pos(double a) { return erfc(a); }
 
 // Standard normal CDF, accurate in both tails.
 template <typename T> HF_HD T norm_cdf(T z) {
-  T e = (T)0.5 * ferfc_pos(fabs(z) * (T)0.70710678118654752440);
+  T e = (T)0.5 * ferfc_pos(vabs(z) * (T)0.70710678118654752440);
   return z >= (T)0 ? (T)1 - e : e;
 }
 template <typename T> HF_HD T sigmoid(T z) { return (T)1 / ((T)1 + fexp(-z)); }
 
 // tanh(softplus(z)) = n / (n + 2), n = e^z (e^z + 2); 1 beyond z = 20 (float-exact).
 template <typename T> HF_HD T tanh_softplus(T z) {
-  T e = fexp(fmin(z, (T)20));
+  T e = fexp(vmin(z, (T)20));
   T n = e * (e + (T)2);
   return z > (T)20 ? (T)1 : n / (n + (T)2);
 }
@@ -106,8 +117,8 @@ constexpr double kGeluC = 0.044715;
 
 template <typename T> HF_HD T forward(int code, T z, T alpha) {
   switch (code) {
-    case kReLU: return z > (T)0 ? z : (T)0;
-    case kReLU6: return fmin(fmax(z, (T)0), (T)6);
+    case kReLU: return z < (T)0 ? (T)0 : z;  // NaN passes
+    case kReLU6: return vmin(vmax(z, (T)0), (T)6);
     case kLeakyReLU: return z > (T)0 ? z : z * alpha;
     case kGELU: return z * norm_cdf(z);
     case kGELUTanh: {  // 0.5 z (1 + tanh(u)) = z * sigmoid(2u)
@@ -115,7 +126,7 @@ template <typename T> HF_HD T forward(int code, T z, T alpha) {
       return z * sigmoid((T)2 * u);
     }
     case kSiLU: return z * sigmoid(z);
-    case kHardswish: return z * fmin(fmax(z + (T)3, (T)0), (T)6) / (T)6;
+    case kHardswish: return z * vmin(vmax(z + (T)3, (T)0), (T)6) * (T)(1.0 / 6.0);
     case kSigmoid: return sigmoid(z);
     case kTanh: return ftanh(z);
     case kMish: return z * tanh_softplus(z);

@@ -256,3 +256,28 @@ def test_export():
     assert any("hierfast.conv2d_act" in str(n.target) for n in ep.graph.nodes)
     x2 = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(ep.module()(x2), F.mish(F.conv2d(x2, m.w, padding="same")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the CUDA epilogue is compiled, not run)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_epilogue_matches_float64(dtype, channels_last):
+    for (name, akw), shape in zip(ACTS, SHAPES * 2):
+        x, w, b, kw = _data(shape, dtype=dtype, channels_last=channels_last)
+        x, w, b = x.cuda(), w.cuda(), b.cuda()
+        ref, tol = _tol_from_torch(x, w, b, kw, name, akw, dtype)
+        stats = torch.zeros(w.shape[0], 3, dtype=torch.float64, device="cuda")
+        y = conv2d_act(x, w, b, activation=name, backend="cuda", stats=stats, **kw, **akw)
+        assert (y.double() - ref).abs().max().item() <= max(tol, 1e-12), name
+        xs = [t.clone().requires_grad_() for t in (x, w, b)]
+        conv2d_act(*xs, activation=name, backend="cuda", **kw, **akw).sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in xs)
+
+
+def test_cuda_kernels_are_compiled_when_built():
+    from hierfast import _ext
+
+    mod, _ = _ext.cuda_module()
+    if mod is None:
+        pytest.skip("hierfast was built without CUDA")
+    assert hasattr(mod, "conv_act_forward") and hasattr(mod, "conv_act_backward")

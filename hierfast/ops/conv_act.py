@@ -133,7 +133,8 @@ def _triton_reasons(x, w, *rest):
     return [] if x.dim() == 4 and w.dim() == 4 else ["takes 4-D input and weight"]
 
 
-@FORWARD.register("triton", devices=("cpu", "cuda"), dtypes=_FLOATS, reasons=_triton_reasons)
+@FORWARD.register("triton", devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                  reasons=_triton_reasons)
 def _fwd_triton(x, w, b, p, act, keep, stats):
     from ..kernels.conv_act import conv2d_act_triton
 

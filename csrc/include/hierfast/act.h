@@ -42,7 +42,7 @@ HF_HD bool grad_from_output(int code, double alpha) {
 }
 
 #if defined(__CUDACC__)
-HF_HD float bits_to_float(uint32_t b) { return __uint_as_float(b); }
+HF_HD float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 #else
 HF_HD float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
 #endif

@@ -37,6 +37,28 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("in_dtype"), py::arg("n"), py::arg("d"), py::arg("s0"), py::arg("s1"),
       py::arg("out"), py::arg("out_dtype"), py::arg("mean"));
+  m.def(
+      "conv_act_forward",
+      [](uintptr_t z, uintptr_t y, int dtype, int64_t N, int64_t C, int64_t HW, bool nhwc,
+         uintptr_t bias, int act_code, double alpha, uintptr_t stats) {
+        py::gil_scoped_release nogil;
+        hierfast::cpu::conv_act_forward(ptr<void>(z), ptr<void>(y), DType(dtype), N, C, HW, nhwc,
+                                        ptr<const void>(bias), act_code, alpha, ptr<double>(stats));
+      },
+      py::arg("z"), py::arg("y"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("HW"),
+      py::arg("nhwc"), py::arg("bias"), py::arg("act_code"), py::arg("alpha"), py::arg("stats"));
+  m.def(
+      "conv_act_backward",
+      [](uintptr_t grad_y, uintptr_t saved, uintptr_t grad_z, int dtype, int64_t N, int64_t C,
+         int64_t HW, bool nhwc, int act_code, double alpha, uintptr_t grad_bias) {
+        py::gil_scoped_release nogil;
+        hierfast::cpu::conv_act_backward(ptr<const void>(grad_y), ptr<const void>(saved),
+                                         ptr<void>(grad_z), DType(dtype), N, C, HW, nhwc, act_code,
+                                         alpha, ptr<double>(grad_bias));
+      },
+      py::arg("grad_y"), py::arg("saved"), py::arg("grad_z"), py::arg("dtype"), py::arg("N"),
+      py::arg("C"), py::arg("HW"), py::arg("nhwc"), py::arg("act_code"), py::arg("alpha"),
+      py::arg("grad_bias"));
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.attr("compiled_with_openmp") = true;

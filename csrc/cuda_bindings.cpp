@@ -46,6 +46,34 @@ PYBIND11_MODULE(_C_cuda, m) {
         }
         check(err);
       });
+  m.def(
+      "conv_act_forward",
+      [](uintptr_t z, uintptr_t y, int dtype, int64_t N, int64_t C, int64_t HW, bool nhwc, uintptr_t bias,
+         int act_code, double alpha, uintptr_t stats, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = hierfast::cuda::conv_act_forward(reinterpret_cast<void*>(z), reinterpret_cast<void*>(y),
+                                                 DType(dtype), N, C, HW, nhwc,
+                                                 reinterpret_cast<const void*>(bias), act_code, alpha,
+                                                 reinterpret_cast<double*>(stats), stream);
+        }
+        check(err);
+      });
+  m.def(
+      "conv_act_backward",
+      [](uintptr_t grad_y, uintptr_t saved, uintptr_t grad_z, int dtype, int64_t N, int64_t C, int64_t HW,
+         bool nhwc, int act_code, double alpha, uintptr_t grad_bias, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = hierfast::cuda::conv_act_backward(reinterpret_cast<const void*>(grad_y),
+                                                  reinterpret_cast<const void*>(saved),
+                                                  reinterpret_cast<void*>(grad_z), DType(dtype), N, C, HW, nhwc,
+                                                  act_code, alpha, reinterpret_cast<double*>(grad_bias), stream);
+        }
+        check(err);
+      });
   m.def("device_count", []() {
     std::string err;
     int c = hierfast::cuda::device_count(&err);

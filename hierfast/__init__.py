@@ -11,4 +11,13 @@ from . import backends, ops, stats  # noqa: E402
 from . import capture  # noqa: E402
 from .capture import analyze  # noqa: E402
 
-__all__ = ["__version__", "info", "format_info", "backends", "ops", "stats", "capture", "analyze"]
+__all__ = ["__version__", "info", "format_info", "backends", "ops", "stats", "capture", "analyze", "nn",
+           "functional"]
+
+
+def __getattr__(name):  # lazy: hierfast.nn / hierfast.functional import on first use
+    if name in ("nn", "functional"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'hierfast' has no attribute {name!r}")

@@ -18,3 +18,20 @@ void center_columns(const void* x, DType in_dtype, int64_t n, int64_t d, int64_t
                     void* out, DType out_dtype, double* mean);
 
 }  // namespace hierfast::cpu
+
+namespace hierfast::cpu {
+
+// Conv epilogue (csrc/cpu/conv_act.cpp). z, y: the conv output (N, C, HW) in NCHW
+// (nhwc = false) or NHWC order, dtype `dtype`; y == z applies bias + activation in
+// place, else z receives z + bias and y the activation. bias: C elements of `dtype`
+// or null. stats: null or 3*C float64 accumulators (sum, sum of squares, count > 0 of
+// y per channel), added to.
+void conv_act_forward(void* z, void* y, DType dtype, int64_t N, int64_t C, int64_t HW, bool nhwc,
+                      const void* bias, int act_code, double alpha, double* stats);
+
+// grad_z = grad_y * act'(saved); saved is y or z (see act::grad_from_output). All three
+// share one layout. grad_bias: null or C float64 accumulators of sum(grad_z), added to.
+void conv_act_backward(const void* grad_y, const void* saved, void* grad_z, DType dtype, int64_t N,
+                       int64_t C, int64_t HW, bool nhwc, int act_code, double alpha, double* grad_bias);
+
+}  // namespace hierfast::cpu

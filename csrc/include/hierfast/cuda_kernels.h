@@ -16,6 +16,14 @@ std::string gram_epilogue(const void* gram, DType in_dtype, int64_t n, int64_t s
 std::string center_columns(const void* x, DType in_dtype, int64_t n, int64_t d, int64_t s0,
                            int64_t s1, void* out, DType out_dtype, double* mean, uintptr_t stream);
 
+// Conv epilogue and its backward (csrc/cuda/conv_act.cu); arguments as the CPU
+// versions in cpu_kernels.h, plus the stream.
+std::string conv_act_forward(void* z, void* y, DType dtype, int64_t N, int64_t C, int64_t HW, bool nhwc,
+                             const void* bias, int act_code, double alpha, double* stats, uintptr_t stream);
+std::string conv_act_backward(const void* grad_y, const void* saved, void* grad_z, DType dtype, int64_t N,
+                              int64_t C, int64_t HW, bool nhwc, int act_code, double alpha, double* grad_bias,
+                              uintptr_t stream);
+
 // Number of visible devices, or a negative value with the error in `err`.
 int device_count(std::string* err);
 

@@ -1,0 +1,276 @@
+// CPU conv epilogue: bias + activation over a convolution's output in ONE pass,
+// in place (y == z) or writing y while keeping the pre-activation z (training with
+// a smooth activation), optionally accumulating per-channel statistics of y; and
+// the backward pass through the activation fused with the bias-gradient reduction.
+// Layouts: NCHW-contiguous (one channel per HW plane) or NHWC (channels_last: C
+// contiguous per pixel). Activation math: csrc/include/hierfast/act.h.
+// The activation loops contain selects over both computed branches; GCC if-converts
+// (and so vectorises) them only when FP operations are assumed not to trap.
+#pragma GCC optimize("no-trapping-math")
+#include <omp.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <vector>
+
+#include "hierfast/act.h"
+#include "hierfast/cpu_kernels.h"
+
+namespace hierfast::cpu {
+namespace {
+
+// Storage <-> compute conversions (float for half types, else the type itself).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x7FFFFFu)) return (uint16_t)((b >> 16) | 0x40);
+  b += 0x7FFFu + ((b >> 16) & 1u);  // round to nearest even
+  return (uint16_t)(b >> 16);
+}
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0u));
+  if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // overflow -> inf
+  if (ax < 0x38800000u) {                                    // subnormal or zero
+    float a;
+    std::memcpy(&a, &ax, 4);
+    return (uint16_t)(sign | (uint32_t)std::nearbyint(a * 16777216.0f));
+  }
+  uint32_t r = ax + 0xC8000FFFu + ((ax >> 13) & 1u);  // rebias exponent, round to nearest even
+  return (uint16_t)(sign | (r >> 13));
+}
+
+template <DType D> struct IO;
+template <> struct IO<DType::kFloat32> {
+  using S = float; using C = float;
+  static inline C ld(S v) { return v; }
+  static inline S st(C v) { return v; }
+};
+template <> struct IO<DType::kFloat64> {
+  using S = double; using C = double;
+  static inline C ld(S v) { return v; }
+  static inline S st(C v) { return v; }
+};
+template <> struct IO<DType::kBFloat16> {
+  using S = uint16_t; using C = float;
+  static inline C ld(S v) { return bf16_bits_to_float(v); }
+  static inline S st(C v) { return float_to_bf16(v); }
+};
+template <> struct IO<DType::kFloat16> {
+  using S = uint16_t; using C = float;
+  static inline C ld(S v) { return half_bits_to_float(v); }
+  static inline S st(C v) { return float_to_half(v); }
+};
+
+// One contiguous run of `len` elements with a constant bias `bc` (an NCHW plane, or
+// bias-free NHWC rows) or a per-element bias vector `bv` (one NHWC row, len = C).
+// In place (z == y) and out of place are separate loops so neither aliases; the
+// activation code is a template parameter so each body vectorises.
+template <DType D, int A>
+HIERFAST_SIMD_CLONES void fwd_inplace(typename IO<D>::S* __restrict__ y, int64_t len,
+                                      typename IO<D>::C bc, const typename IO<D>::S* __restrict__ bv,
+                                      typename IO<D>::C alpha) {
+  using C = typename IO<D>::C;
+  if (bv) {
+    for (int64_t i = 0; i < len; ++i)
+      y[i] = IO<D>::st(act::forward<C>(A, IO<D>::ld(y[i]) + IO<D>::ld(bv[i]), alpha));
+  } else {
+    for (int64_t i = 0; i < len; ++i) y[i] = IO<D>::st(act::forward<C>(A, IO<D>::ld(y[i]) + bc, alpha));
+  }
+}
+
+template <DType D, int A>
+HIERFAST_SIMD_CLONES void fwd_keep(typename IO<D>::S* __restrict__ z, typename IO<D>::S* __restrict__ y,
+                                   int64_t len, typename IO<D>::C bc,
+                                   const typename IO<D>::S* __restrict__ bv, typename IO<D>::C alpha) {
+  using C = typename IO<D>::C;
+  for (int64_t i = 0; i < len; ++i) {
+    C v = IO<D>::ld(z[i]) + (bv ? IO<D>::ld(bv[i]) : bc);
+    z[i] = IO<D>::st(v);
+    y[i] = IO<D>::st(act::forward<C>(A, v, alpha));
+  }
+}
+
+template <DType D, int A>
+inline void fwd_run(typename IO<D>::S* z, typename IO<D>::S* y, int64_t len, typename IO<D>::C bc,
+                    const typename IO<D>::S* bv, typename IO<D>::C alpha) {
+  if (z == y) fwd_inplace<D, A>(y, len, bc, bv, alpha);
+  else fwd_keep<D, A>(z, y, len, bc, bv, alpha);
+}
+
+template <DType D, int A>
+HIERFAST_SIMD_CLONES void bwd_run(const typename IO<D>::S* __restrict__ g,
+                                  const typename IO<D>::S* __restrict__ s,
+                                  typename IO<D>::S* __restrict__ gz, int64_t len,
+                                  typename IO<D>::C alpha) {
+  using C = typename IO<D>::C;
+  for (int64_t i = 0; i < len; ++i)
+    gz[i] = IO<D>::st(IO<D>::ld(g[i]) * act::derivative<C>(A, IO<D>::ld(s[i]), alpha));
+}
+
+// Per-channel sums of a run: NCHW (one channel) -> acc[0..2] += sum, sumsq, active;
+// NHWC (C channels) -> acc[3c..3c+2].
+template <DType D>
+void stats_run(const typename IO<D>::S* y, int64_t len, bool per_element, double* acc) {
+  if (per_element) {
+    for (int64_t i = 0; i < len; ++i) {
+      double v = IO<D>::ld(y[i]);
+      acc[3 * i] += v;
+      acc[3 * i + 1] += v * v;
+      acc[3 * i + 2] += v > 0.0 ? 1.0 : 0.0;
+    }
+  } else {
+    double s = 0, q = 0, a = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      double v = IO<D>::ld(y[i]);
+      s += v; q += v * v; a += v > 0.0 ? 1.0 : 0.0;
+    }
+    acc[0] += s; acc[1] += q; acc[2] += a;
+  }
+}
+
+template <DType D>
+void sum_run(const typename IO<D>::S* g, int64_t len, bool per_element, double* acc) {
+  if (per_element) {
+    for (int64_t i = 0; i < len; ++i) acc[i] += IO<D>::ld(g[i]);
+  } else {
+    double s = 0;
+    for (int64_t i = 0; i < len; ++i) s += IO<D>::ld(g[i]);
+    acc[0] += s;
+  }
+}
+
+// Rows of NHWC are short (C elements); group rows so that each task is >= ~4k elements.
+inline int64_t rows_per_task(int64_t C) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)); }
+
+template <DType D, int A>
+void forward_impl(void* zv, void* yv, int64_t N, int64_t C, int64_t HW, bool nhwc,
+                  const void* bv, double alpha_d, double* stats) {
+  using S = typename IO<D>::S;
+  using Cc = typename IO<D>::C;
+  S* z = static_cast<S*>(zv);
+  S* y = static_cast<S*>(yv);
+  const S* b = static_cast<const S*>(bv);
+  const Cc alpha = (Cc)alpha_d;
+  if (!nhwc) {
+    // Parallel over channels, batch inside: each channel's statistics have one owner.
+#pragma omp parallel for schedule(static) collapse(2) if (!stats)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        fwd_run<D, A>(z + off, y + off, HW, b ? IO<D>::ld(b[c]) : (Cc)0, nullptr, alpha);
+        if (stats) stats_run<D>(y + off, HW, false, stats + 3 * c);
+      }
+    return;
+  }
+  const int64_t rows = N * HW, step = rows_per_task(C);
+#pragma omp parallel
+  {
+    std::vector<double> acc(stats ? 3 * C : 0, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      const int64_t r1 = std::min(rows, r0 + step);
+      if (b) {
+        for (int64_t r = r0; r < r1; ++r) fwd_run<D, A>(z + r * C, y + r * C, C, (Cc)0, b, alpha);
+      } else {  // no bias: the rows are one contiguous run
+        fwd_run<D, A>(z + r0 * C, y + r0 * C, (r1 - r0) * C, (Cc)0, nullptr, alpha);
+      }
+      if (stats)
+        for (int64_t r = r0; r < r1; ++r) stats_run<D>(y + r * C, C, true, acc.data());
+    }
+    if (stats) {
+#pragma omp critical
+      for (int64_t i = 0; i < 3 * C; ++i) stats[i] += acc[i];
+    }
+  }
+}
+
+template <DType D, int A>
+void backward_impl(const void* gv, const void* sv, void* gzv, int64_t N, int64_t C, int64_t HW,
+                   bool nhwc, double alpha_d, double* gbias) {
+  using S = typename IO<D>::S;
+  const S* g = static_cast<const S*>(gv);
+  const S* s = static_cast<const S*>(sv);
+  S* gz = static_cast<S*>(gzv);
+  const auto alpha = (typename IO<D>::C)alpha_d;
+  if (!nhwc) {
+#pragma omp parallel for schedule(static) collapse(2) if (!gbias)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        bwd_run<D, A>(g + off, s + off, gz + off, HW, alpha);
+        if (gbias) sum_run<D>(gz + off, HW, false, gbias + c);
+      }
+    return;
+  }
+  const int64_t rows = N * HW, step = rows_per_task(C);
+#pragma omp parallel
+  {
+    std::vector<double> acc(gbias ? C : 0, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      const int64_t r1 = std::min(rows, r0 + step);
+      bwd_run<D, A>(g + r0 * C, s + r0 * C, gz + r0 * C, (r1 - r0) * C, alpha);
+      if (gbias)
+        for (int64_t r = r0; r < r1; ++r) sum_run<D>(gz + r * C, C, true, acc.data());
+    }
+    if (gbias) {
+#pragma omp critical
+      for (int64_t i = 0; i < C; ++i) gbias[i] += acc[i];
+    }
+  }
+}
+
+// Runtime activation code -> template instance.
+template <DType D, template <DType, int> class F, typename... Args>
+void by_act(int code, Args... args) {
+  switch (code) {
+    case act::kIdentity: return F<D, act::kIdentity>::run(args...);
+    case act::kReLU: return F<D, act::kReLU>::run(args...);
+    case act::kReLU6: return F<D, act::kReLU6>::run(args...);
+    case act::kLeakyReLU: return F<D, act::kLeakyReLU>::run(args...);
+    case act::kGELU: return F<D, act::kGELU>::run(args...);
+    case act::kGELUTanh: return F<D, act::kGELUTanh>::run(args...);
+    case act::kSiLU: return F<D, act::kSiLU>::run(args...);
+    case act::kHardswish: return F<D, act::kHardswish>::run(args...);
+    case act::kSigmoid: return F<D, act::kSigmoid>::run(args...);
+    case act::kTanh: return F<D, act::kTanh>::run(args...);
+    case act::kMish: return F<D, act::kMish>::run(args...);
+  }
+  throw std::invalid_argument("conv_act: unknown activation code");
+}
+template <DType D, int A> struct Fwd {
+  template <typename... Args> static void run(Args... a) { forward_impl<D, A>(a...); }
+};
+template <DType D, int A> struct Bwd {
+  template <typename... Args> static void run(Args... a) { backward_impl<D, A>(a...); }
+};
+
+}  // namespace
+
+void conv_act_forward(void* z, void* y, DType dtype, int64_t N, int64_t C, int64_t HW, bool nhwc,
+                      const void* bias, int act_code, double alpha, double* stats) {
+  switch (dtype) {
+    case DType::kFloat16: return by_act<DType::kFloat16, Fwd>(act_code, z, y, N, C, HW, nhwc, bias, alpha, stats);
+    case DType::kBFloat16: return by_act<DType::kBFloat16, Fwd>(act_code, z, y, N, C, HW, nhwc, bias, alpha, stats);
+    case DType::kFloat32: return by_act<DType::kFloat32, Fwd>(act_code, z, y, N, C, HW, nhwc, bias, alpha, stats);
+    case DType::kFloat64: return by_act<DType::kFloat64, Fwd>(act_code, z, y, N, C, HW, nhwc, bias, alpha, stats);
+  }
+  throw std::invalid_argument("conv_act_forward: unknown dtype");
+}
+
+void conv_act_backward(const void* grad_y, const void* saved, void* grad_z, DType dtype, int64_t N,
+                       int64_t C, int64_t HW, bool nhwc, int act_code, double alpha, double* grad_bias) {
+  switch (dtype) {
+    case DType::kFloat16: return by_act<DType::kFloat16, Bwd>(act_code, grad_y, saved, grad_z, N, C, HW, nhwc, alpha, grad_bias);
+    case DType::kBFloat16: return by_act<DType::kBFloat16, Bwd>(act_code, grad_y, saved, grad_z, N, C, HW, nhwc, alpha, grad_bias);
+    case DType::kFloat32: return by_act<DType::kFloat32, Bwd>(act_code, grad_y, saved, grad_z, N, C, HW, nhwc, alpha, grad_bias);
+    case DType::kFloat64: return by_act<DType::kFloat64, Bwd>(act_code, grad_y, saved, grad_z, N, C, HW, nhwc, alpha, grad_bias);
+  }
+  throw std::invalid_argument("conv_act_backward: unknown dtype");
+}
+
+}  // namespace hierfast::cpu

@@ -1,0 +1,165 @@
+// Activation functions and their derivatives, shared by the CPU and CUDA conv
+// epilogues (csrc/cpu/conv_act.cpp, csrc/cuda/conv_act.cu). Codes must match
+// hierfast/ops/conv_act.py (ACTIVATIONS).
+//
+// float uses branch-free polynomial exp/erfc/tanh (Cephes / Numerical Recipes,
+// relative error ~1e-7) so the CPU loops vectorise (libm calls would not);
+// double uses the libm functions (gradcheck precision).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define HF_HD __host__ __device__ __forceinline__
+#else
+#define HF_HD inline
+#endif
+
+namespace hierfast::act {
+
+#if !defined(__CUDACC__)
+// float overloads (the global C functions would promote to double and not vectorise)
+using std::erfc;
+using std::exp;
+using std::fabs;
+using std::floor;
+using std::fmax;
+using std::fmin;
+using std::tanh;
+#endif
+
+enum Code : int {
+  kIdentity = 0, kReLU = 1, kReLU6 = 2, kLeakyReLU = 3, kGELU = 4, kGELUTanh = 5,
+  kSiLU = 6, kHardswish = 7, kSigmoid = 8, kTanh = 9, kMish = 10
+};
+
+// Derivatives of these are computed from the activation's OUTPUT y (no extra tensor
+// saved: y is the op's result); the others need the pre-activation z.
+HF_HD bool grad_from_output(int code, double alpha) {
+  return code == kIdentity || code == kReLU || code == kReLU6 || code == kSigmoid ||
+         code == kTanh || (code == kLeakyReLU && alpha > 0.0);
+}
+
+#if defined(__CUDACC__)
+HF_HD float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+#else
+HF_HD float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
+#endif
+
+// Branch-free min/max/abs as selects (fminf/fmaxf have NaN rules that keep GCC from
+// vectorising them). A NaN first argument propagates (NaN in -> NaN out, as torch).
+template <typename T> HF_HD T vmax(T a, T b) { return a < b ? b : a; }
+template <typename T> HF_HD T vmin(T a, T b) { return a > b ? b : a; }
+template <typename T> HF_HD T vabs(T a) { return a < (T)0 ? -a : a; }
+
+// exp(x) for float: Cephes expf (range reduction by ln2, degree-6 polynomial).
+// Rounding to nearest via the 1.5 * 2^23 trick (vectorises; floorf does not).
+HF_HD float fexp(float x) {
+  x = vmin(vmax(x, -87.0f), 88.0f);
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float((uint32_t)((int32_t)n + 127) << 23);
+}
+HF_HD double fexp(double x) { return exp(x); }
+
+// tanh: Cephes tanhf (odd polynomial below 0.625, exp form above).
+HF_HD float ftanh(float x) {
+  float a = vabs(x);
+  float z = x * x;
+  float small = ((((-5.70498872745E-3f * z + 2.06390887954E-2f) * z - 5.37397155531E-2f) * z +
+                  1.33314422036E-1f) * z - 3.33332819422E-1f) * z * x + x;
+  float big = 1.0f - 2.0f / (fexp(2.0f * a) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  return a < 0.625f ? small : big;
+}
+HF_HD double ftanh(double x) { return tanh(x); }
+
+// erfc(a) for a >= 0: Numerical Recipes erfcc (fractional error < 1.2e-7).
+HF_HD float ferfc_pos(float a) {
+  float t = 1.0f / (1.0f + 0.5f * a);
+  float p = -0.82215223f + t * 0.17087277f;
+  p = 1.48851587f + t * p;
+  p = -1.13520398f + t * p;
+  p = 0.27886807f + t * p;
+  p = -0.18628806f + t * p;
+  p = 0.09678418f + t * p;
+  p = 0.37409196f + t * p;
+  p = 1.00002368f + t * p;
+  return t * fexp(-a * a - 1.26551223f + t * p);
+}
+HF_HD double ferfc_pos(double a) { return erfc(a); }
+
+// Standard normal CDF, accurate in both tails.
+template <typename T> HF_HD T norm_cdf(T z) {
+  T e = (T)0.5 * ferfc_pos(vabs(z) * (T)0.70710678118654752440);
+  return z >= (T)0 ? (T)1 - e : e;
+}
+template <typename T> HF_HD T sigmoid(T z) { return (T)1 / ((T)1 + fexp(-z)); }
+
+// tanh(softplus(z)) = n / (n + 2), n = e^z (e^z + 2); 1 beyond z = 20 (float-exact).
+template <typename T> HF_HD T tanh_softplus(T z) {
+  T e = fexp(vmin(z, (T)20));
+  T n = e * (e + (T)2);
+  return z > (T)20 ? (T)1 : n / (n + (T)2);
+}
+
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kGeluC = 0.044715;
+
+template <typename T> HF_HD T forward(int code, T z, T alpha) {
+  switch (code) {
+    case kReLU: return z < (T)0 ? (T)0 : z;  // NaN passes
+    case kReLU6: return vmin(vmax(z, (T)0), (T)6);
+    case kLeakyReLU: return z > (T)0 ? z : z * alpha;
+    case kGELU: return z * norm_cdf(z);
+    case kGELUTanh: {  // 0.5 z (1 + tanh(u)) = z * sigmoid(2u)
+      T u = (T)kSqrt2OverPi * (z + (T)kGeluC * z * z * z);
+      return z * sigmoid((T)2 * u);
+    }
+    case kSiLU: return z * sigmoid(z);
+    case kHardswish: return z * vmin(vmax(z + (T)3, (T)0), (T)6) * (T)(1.0 / 6.0);
+    case kSigmoid: return sigmoid(z);
+    case kTanh: return ftanh(z);
+    case kMish: return z * tanh_softplus(z);
+    default: return z;
+  }
+}
+
+// d act / d z, from y (grad_from_output codes) or from z (the others). Boundary
+// conventions follow torch's backward kernels.
+template <typename T> HF_HD T derivative(int code, T s, T alpha) {
+  switch (code) {
+    case kReLU: return s > (T)0 ? (T)1 : (T)0;                      // s = y
+    case kReLU6: return (s > (T)0 && s < (T)6) ? (T)1 : (T)0;       // s = y
+    case kLeakyReLU: return s > (T)0 ? (T)1 : alpha;                // s = y (alpha > 0) or z
+    case kSigmoid: return s * ((T)1 - s);                           // s = y
+    case kTanh: return (T)1 - s * s;                                // s = y
+    case kGELU: return norm_cdf(s) + s * (T)kInvSqrt2Pi * fexp((T)-0.5 * s * s);
+    case kGELUTanh: {
+      T u = (T)kSqrt2OverPi * (s + (T)kGeluC * s * s * s);
+      T sg = sigmoid((T)2 * u);
+      return sg + s * (T)2 * sg * ((T)1 - sg) * (T)kSqrt2OverPi * ((T)1 + (T)(3 * kGeluC) * s * s);
+    }
+    case kSiLU: {
+      T sg = sigmoid(s);
+      return sg * ((T)1 + s * ((T)1 - sg));
+    }
+    case kHardswish: return s < (T)-3 ? (T)0 : (s <= (T)3 ? s / (T)3 + (T)0.5 : (T)1);
+    case kMish: {
+      T t = tanh_softplus(s);
+      return t + s * sigmoid(s) * ((T)1 - t * t);
+    }
+    default: return (T)1;
+  }
+}
+
+}  // namespace hierfast::act

@@ -1,0 +1,238 @@
+"""hierfast.functional: fused operations with torch.nn.functional-style signatures.
+
+``conv2d_act(x, w, b, ...) == act(F.conv2d(x, w, b, ...))`` computed by a fused
+kernel (hierfast/ops/conv_act.py), differentiable, and a torch custom op
+(``hierfast::conv2d_act``) under ``torch.compile`` / ``torch.export``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._compile import is_compiling
+from .ops import activations as A
+from .ops import conv_act as K
+
+__all__ = ["conv2d_act"]
+
+
+# --------------------------------------------------------------------------- argument checks
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        return (int(v[0]), int(v[1]))
+    if isinstance(v, (tuple, list)) and len(v) == 1 and isinstance(v[0], int):
+        return (int(v[0]), int(v[0]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def _check(x, w, b):
+    for name, t in (("input", x), ("weight", w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if b is not None and not isinstance(b, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(b).__name__}")
+    if w.dim() != 4:
+        raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape {tuple(w.shape)}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d_act, but got input of size: "
+                         f"{list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+    for name, t in (("weight", w), ("bias", b)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"Input type ({x.dtype}) and {name} type ({t.dtype}) should be the same; "
+                            f"cast one of them, e.g. module.to({x.dtype})")
+        if t.device != x.device:
+            raise ValueError(f"Input is on {x.device} but {name} is on {t.device}; move them to one device")
+    if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0]):
+        raise ValueError(f"bias must have shape ({w.shape[0]},) (one per output channel), got {tuple(b.shape)}")
+
+
+def _resolve_padding(padding, w, stride, dilation):
+    """-> (symmetric padding pair, F.pad amounts or None) as torch's conv2d does."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), None
+        if padding != "same":
+            raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions (as in torch.nn.Conv2d)")
+        sym, extra = [], []
+        for d, k in zip(dilation, w.shape[2:]):
+            total = d * (k - 1)
+            left = total // 2
+            sym.append(left)
+            extra.append(total - 2 * left)
+        # Odd total padding: torch pads the extra element on the right/bottom.
+        pad = None if not any(extra) else (0, extra[1], 0, extra[0])
+        return tuple(sym), pad
+    p = _pair(padding, "padding")
+    if min(p) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return p, None
+
+
+# --------------------------------------------------------------------------- autograd (eager)
+class _ConvActFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, p, act, backend, stats):
+        y, saved = K.forward(x, w, b, p, act, keep=True, stats=stats, backend=backend)
+        ctx.save_for_backward(x, w, saved)
+        ctx.p, ctx.act, ctx.backend = p, act, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, saved = ctx.saved_tensors
+        gx, gw, gb = K.backward(gy, x, w, saved, ctx.p, ctx.act, ctx.needs_input_grad[:3], backend=ctx.backend)
+        return gx, gw, gb, None, None, None, None
+
+
+# --------------------------------------------------------------------------- custom op (tracing)
+@torch.library.custom_op("hierfast::conv2d_act", mutates_args=())
+def _conv2d_act_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: List[int],
+                   padding: List[int], dilation: List[int], groups: int, act: str, act_code: int, alpha: float,
+                   keep: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(y, pre)``; ``pre`` is the pre-activation when backward needs it
+    (smooth activations and ``keep``), else an empty tensor."""
+    a = A.Activation(act, act_code, alpha)
+    y, saved = K.forward(x, w, b, K.ConvArgs(stride, padding, dilation, groups), a, keep=keep)
+    pre = saved if (keep and not a.grad_from_output) else x.new_empty(0)
+    return y, pre
+
+
+@_conv2d_act_op.register_fake
+def _(x, w, b, stride, padding, dilation, groups, act, act_code, alpha, keep):
+    y = torch.ops.aten.convolution(x, w, None, stride, padding, dilation, False, [0, 0], groups)
+    a = A.Activation(act, act_code, alpha)
+    pre = torch.empty_like(y) if (keep and not a.grad_from_output) else x.new_empty(0)
+    return y, pre
+
+
+@torch.library.custom_op("hierfast::conv2d_act_backward", mutates_args=())
+def _conv2d_act_backward_op(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor,
+                            stride: List[int], padding: List[int], dilation: List[int], groups: int, act: str,
+                            act_code: int, alpha: float, mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    a = A.Activation(act, act_code, alpha)
+    gx, gw, gb = K.backward(gy, x, w, saved, K.ConvArgs(stride, padding, dilation, groups), a, mask)
+    # custom ops cannot return None: empty placeholders where no gradient was asked for
+    return (_like(gx, x) if gx is not None else x.new_empty(0), _like(gw, w) if gw is not None else w.new_empty(0),
+            gb if gb is not None else w.new_empty(0))
+
+
+@_conv2d_act_backward_op.register_fake
+def _(gy, x, w, saved, stride, padding, dilation, groups, act, act_code, alpha, mask):
+    return (torch.empty_like(x) if mask[0] else x.new_empty(0), torch.empty_like(w) if mask[1] else w.new_empty(0),
+            w.new_empty(w.shape[0]) if mask[2] else w.new_empty(0))
+
+
+def _like(g, t):
+    """``g`` with ``t``'s strides (torch's conv backward picks layouts its meta kernel
+    does not always predict; the fake above promises ``empty_like``)."""
+    return g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, stride, padding, dilation, groups, act, act_code, alpha, keep = inputs
+    y, pre = output
+    a = A.Activation(act, act_code, alpha)
+    ctx.save_for_backward(x, w, b, y if a.grad_from_output else pre)
+    ctx.args = (stride, padding, dilation, groups, act, act_code, alpha)
+    ctx.has_bias = b is not None
+
+
+def _backward(ctx, gy, gpre):
+    x, w, b, saved = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if saved.numel() == 0 and gy.numel() > 0:
+        # Called with keep=False yet differentiated: recompute the pre-activation.
+        stride, padding, dilation, groups = ctx.args[:4]
+        saved = torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, [0, 0], groups)
+    gx, gw, gb = _conv2d_act_backward_op(gy, x, w, saved, *ctx.args, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None, None, None, None, None, None)
+
+
+_conv2d_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _traced(*tensors) -> bool:
+    """Being traced (torch.compile, export, make_fx, fake tensors): use the custom op,
+    whose fake implementation describes the output. Eager calls skip it (the wrapper
+    costs a dispatcher round trip and imports torch._dynamo on first use)."""
+    if is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors if t is not None)
+
+
+# --------------------------------------------------------------------------- public function
+def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+               dilation=1, groups: int = 1, activation="relu", *, stats: torch.Tensor | None = None,
+               backend: str | None = None, **act_kwargs) -> torch.Tensor:
+    """``activation(F.conv2d(input, weight, bias, stride, padding, dilation, groups))``, fused.
+
+    Args:
+        input: ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``; contiguous or channels_last;
+            float16/bfloat16/float32/float64.
+        weight: ``(C_out, C_in/groups, kH, kW)``; bias: ``(C_out,)`` or None (same dtype/device).
+        stride, padding, dilation, groups: as ``F.conv2d`` (padding ``"same"``/``"valid"`` too).
+        activation: one of ``identity relu relu6 leaky_relu gelu silu hardswish sigmoid tanh
+            mish`` (None = identity); ``act_kwargs``: ``negative_slope`` (leaky_relu),
+            ``approximate`` ("none"/"tanh", gelu).
+        stats: optional ``(C_out, 3)`` float64 tensor on input's device; per-channel sum,
+            sum of squares and count of positive outputs are ADDED to it (statistics tap).
+        backend: force ``"reference" | "cpu" | "cuda" | "triton"``.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` (or unbatched), same dtype and memory format as torch's conv.
+    """
+    act = A.resolve(activation, **act_kwargs)
+    _check(input, weight, bias)
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"stride and dilation must be >= 1, got stride={stride}, dilation={dilation}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    cin = x.shape[1]
+    if weight.shape[0] % groups:
+        raise ValueError(f"out_channels ({weight.shape[0]}) must be divisible by groups ({groups})")
+    if cin != weight.shape[1] * groups:
+        raise ValueError(f"Given groups={groups}, weight of size {list(weight.shape)}, expected input"
+                         f"{list(x.shape)} to have {weight.shape[1] * groups} channels, but got {cin} channels "
+                         "instead")
+    pad, extra = _resolve_padding(padding, weight, stride, dilation)
+    if extra is not None:
+        x = F.pad(x, extra)
+    for i in (0, 1):
+        eff = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        if x.shape[2 + i] + 2 * pad[i] < eff:
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} (padded by {pad}) is smaller than the "
+                             f"dilated kernel size {eff} in dimension {i}")
+    if stats is not None:
+        if not isinstance(stats, torch.Tensor) or stats.dtype != torch.float64 \
+                or tuple(stats.shape) != (weight.shape[0], 3) or stats.device != x.device or not stats.is_contiguous():
+            raise ValueError(f"stats must be a contiguous float64 tensor of shape ({weight.shape[0]}, 3) on "
+                             f"{x.device}")
+    p = K.ConvArgs(stride, pad, dilation, groups)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if _traced(x, weight, bias):
+        if stats is not None:
+            raise ValueError("stats taps are eager-only; they cannot be used under torch.compile/export")
+        y, _ = torch.ops.hierfast.conv2d_act(x, weight, bias, list(stride), list(pad), list(dilation), groups,
+                                             act.name, act.code, act.alpha, needs_grad)
+    elif needs_grad:
+        y = _ConvActFn.apply(x, weight, bias, p, act, backend, stats)
+    else:
+        y, _ = K.forward(x, weight, bias, p, act, keep=False, stats=stats, backend=backend)
+    return y.squeeze(0) if unbatched else y

@@ -1,0 +1,164 @@
+"""Triton fused convolution + bias + activation (definition: hierfast/ops/conv_act.py).
+
+* ``_igemm_kernel``: implicit GEMM. Rows M = N*OH*OW output pixels, columns = output
+  channels of one group, reduction K = KH*KW*C_in/groups taken channel-fastest, so
+  NHWC (channels_last) inputs are read in contiguous runs. fp32 accumulation
+  (tf32 tensor cores for fp32 inputs on GPU), bias + activation in the epilogue,
+  autotuned over tile sizes on GPU.
+* ``_depthwise_kernel``: direct depthwise conv (groups == C_in == C_out): each program
+  owns BLOCK_P pixels x BLOCK_C channels and walks the KH x KW taps.
+
+Both take element strides, so contiguous and channels_last inputs work alike; the
+output is allocated channels_last. Runs on CUDA tensors, and on CPU tensors under
+``TRITON_INTERPRET=1`` (how CI tests it; no autotuning there).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation codes: hierfast/ops/activations.py
+_SQRT1_2 = 0.7071067811865476
+_SQRT_2_PI = 0.7978845608028654
+
+
+@triton.jit
+def _activation(z, CODE: tl.constexpr, alpha):
+    if CODE == 1:  # relu
+        z = tl.where(z < 0, 0.0, z)
+    elif CODE == 2:  # relu6
+        z = tl.where(z < 0, 0.0, tl.where(z > 6.0, 6.0, z))
+    elif CODE == 3:  # leaky_relu
+        z = tl.where(z > 0, z, z * alpha)
+    elif CODE == 4:  # gelu (erf)
+        z = 0.5 * z * (1.0 + tl.erf(z * _SQRT1_2))
+    elif CODE == 5:  # gelu (tanh) = z * sigmoid(2u)
+        z = z * tl.sigmoid(2.0 * _SQRT_2_PI * (z + 0.044715 * z * z * z))
+    elif CODE == 6:  # silu
+        z = z * tl.sigmoid(z)
+    elif CODE == 7:  # hardswish
+        z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    elif CODE == 8:  # sigmoid
+        z = tl.sigmoid(z)
+    elif CODE == 9:  # tanh
+        z = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+    elif CODE == 10:  # mish: z * tanh(softplus(z)) = z * n / (n + 2), n = e^z (e^z + 2)
+        e = tl.exp(tl.minimum(z, 20.0))
+        n = e * (e + 2.0)
+        z = tl.where(z > 20.0, z, z * n / (n + 2.0))
+    return z
+
+
+@triton.jit
+def _igemm_kernel(X, W, B, Y, M, C_out_g, K, C_in_g, H, Wd, OH, OW,
+                  sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, alpha,
+                  KW: tl.constexpr, HAS_BIAS: tl.constexpr, CODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
+    mask_m = rm < M
+    mask_n = rn < C_out_g
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    n = rm // (OW * OH)
+    co = g * C_out_g + rn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = rk < K
+        ci = rk % C_in_g  # channel fastest (NHWC-contiguous reads)
+        tap = rk // C_in_g
+        kw = tap % KW
+        kh = tap // KW
+        ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
+        iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
+        ok = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < Wd)
+        a = tl.load(X + n[:, None] * sxn + (g * C_in_g + ci)[None, :] * sxc + ih * sxh + iw * sxw, mask=ok, other=0.0)
+        b = tl.load(W + co[None, :] * swo + ci[:, None] * swi + kh[:, None] * swh + kw[:, None] * sww,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # the interpreter's dot mishandles bfloat16 operands
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _activation(acc, CODE, alpha)
+    y_ptr = Y + n[:, None] * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_IGEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+                             (128, 32, 32, 4, 4), (64, 32, 32, 2, 5), (32, 64, 32, 2, 5), (64, 64, 64, 4, 3)]
+]
+_igemm_tuned = triton.autotune(_IGEMM_CONFIGS, key=["M", "C_out_g", "K"])(_igemm_kernel)
+
+
+@triton.jit
+def _depthwise_kernel(X, W, B, Y, P, C, H, Wd, OH, OW,
+                      sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, alpha,
+                      KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = rp < P
+    mask_c = rc < C
+    ow = rp % OW
+    oh = (rp // OW) % OH
+    n = rp // (OW * OH)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            ih = oh * stride_h - pad_h + kh * dil_h
+            iw = ow * stride_w - pad_w + kw * dil_w
+            ok = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < Wd)
+            x = tl.load(X + (n * sxn + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc,
+                        mask=ok[:, None] & mask_c[None, :], other=0.0)
+            w = tl.load(W + rc * swo + kh * swh + kw * sww, mask=mask_c, other=0.0)
+            acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(B + rc, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    acc = _activation(acc, CODE, alpha)
+    y_ptr = Y + (n * syn + oh * syh + ow * syw)[:, None] + rc[None, :] * syc
+    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int, alpha: float) -> torch.Tensor:
+    """``act(conv2d(x, w, b))`` for 4-D ``x``; returns a channels_last tensor of x's dtype."""
+    n, cin, h, wd = x.shape
+    cout, cin_g, kh, kw = w.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    bias = b if b is not None else w  # placeholder pointer, never read
+    common = (*x.stride(), )
+    conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(alpha))
+    if groups == cin == cout and cin_g == 1:
+        p = n * oh * ow
+        bp, bc = (16, 16) if _interpreting() else (64, 32)
+        grid = (triton.cdiv(p, bp), triton.cdiv(cout, bc))
+        _depthwise_kernel[grid](x, w, bias, y, p, cout, h, wd, oh, ow, *common, w.stride(0), w.stride(2),
+                                w.stride(3), *y.stride(), *conv, KH=kh, KW=kw, HAS_BIAS=b is not None, CODE=code,
+                                BLOCK_P=bp, BLOCK_C=bc)
+        return y
+    m, cout_g, k = n * oh * ow, cout // groups, cin_g * kh * kw
+    args = (x, w, bias, y, m, cout_g, k, cin_g, h, wd, oh, ow, *common, *w.stride(), *y.stride(), *conv)
+    meta = dict(KW=kw, HAS_BIAS=b is not None, CODE=code, UPCAST=x.dtype == torch.bfloat16 and _interpreting(), PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda else "ieee")
+    if _interpreting() or x.device.type != "cuda":
+        grid = (triton.cdiv(m, 16), triton.cdiv(cout_g, 16), groups)
+        _igemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    else:
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(cout_g, META["BLOCK_N"]), groups)  # noqa: E731
+        _igemm_tuned[grid](*args, **meta)
+    return y

@@ -1,0 +1,82 @@
+"""``Conv2dAct``: an ``nn.Conv2d`` whose output goes through an activation in the same kernel."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._compile import is_compiling
+from ..functional import conv2d_act
+from ..ops import activations as A
+
+
+class Conv2dAct(nn.Conv2d):
+    """``activation(nn.Conv2d(...)(x))`` fused (hierfast.functional.conv2d_act).
+
+    Same constructor as ``nn.Conv2d`` plus ``activation`` (name, see
+    ``hierfast.ops.activations.NAMES``) with its keyword arguments (``negative_slope``,
+    ``approximate``), and ``track_stats``: accumulate per-channel mean, variance and
+    fraction of positive outputs inside the epilogue (read with :meth:`stats`).
+    ``state_dict`` keys are those of ``nn.Conv2d`` (``weight``, ``bias``), so weights
+    load both ways.
+
+    Shape: ``(N, C_in, H, W)`` or ``(C_in, H, W)`` -> ``(N, C_out, H_out, W_out)``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, activation="relu",
+                 track_stats: bool = False, **act_kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.activation = A.resolve(activation, **act_kwargs)
+        self.track_stats = bool(track_stats)
+        self._stats: torch.Tensor | None = None  # (C_out, 3) float64; not a buffer: keys stay nn.Conv2d's
+        self._count = 0
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, activation="relu", **act_kwargs) -> "Conv2dAct":
+        """A ``Conv2dAct`` sharing ``conv``'s configuration, with copies of its parameters."""
+        w = conv.weight
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode, device=w.device, dtype=w.dtype,
+                activation=activation, **act_kwargs)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if conv.bias is not None:
+                m.bias.copy_(conv.bias)
+        m.train(conv.training)
+        return m
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        stats = None
+        if self.track_stats and not is_compiling():
+            if self._stats is None or self._stats.device != input.device:
+                self._stats = torch.zeros(self.out_channels, 3, dtype=torch.float64, device=input.device)
+            stats = self._stats
+        y = conv2d_act(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                       self.activation, stats=stats)
+        if stats is not None:
+            self._count += y.numel() // self.out_channels
+        return y
+
+    def stats(self) -> dict[str, torch.Tensor] | None:
+        """Per-channel ``mean``, ``var`` (population) and ``frac_active`` (share of outputs
+        > 0) of the activation's output since the last :meth:`reset_stats`, float64
+        ``(C_out,)`` each, and ``count`` (outputs per channel). None before any tracked call."""
+        if self._stats is None or self._count == 0:
+            return None
+        s = self._stats / self._count
+        mean = s[:, 0]
+        return {"mean": mean, "var": (s[:, 1] - mean * mean).clamp_min(0), "frac_active": s[:, 2],
+                "count": self._count}
+
+    def reset_stats(self) -> None:
+        self._stats, self._count = None, 0
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", activation={self.activation}"
+        return s + (", track_stats=True" if self.track_stats else "")

@@ -1,0 +1,207 @@
+"""``fuse(model)``: Conv2d [+ BatchNorm2d (eval, folded)] + activation -> ``Conv2dAct``.
+
+Two passes: (1) every ``nn.Sequential`` run ``Conv2d, [BatchNorm2d], activation``
+(the BN and activation slots become ``nn.Identity`` so other indices and state_dict
+keys stay put); (2) when Conv2d layers remain outside such runs, a ``torch.fx``
+trace of the model, fusing ``conv -> [bn] -> activation`` chains whose intermediate
+results have no other user (then the returned model is a ``GraphModule``).
+"""
+from __future__ import annotations
+
+import copy
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..ops import activations as A
+from .conv_act import Conv2dAct
+
+# activation modules -> (name, kwargs)
+_ACT_MODULES = {
+    nn.ReLU: lambda m: ("relu", {}), nn.ReLU6: lambda m: ("relu6", {}),
+    nn.LeakyReLU: lambda m: ("leaky_relu", {"negative_slope": m.negative_slope}),
+    nn.GELU: lambda m: ("gelu", {"approximate": m.approximate}), nn.SiLU: lambda m: ("silu", {}),
+    nn.Hardswish: lambda m: ("hardswish", {}), nn.Sigmoid: lambda m: ("sigmoid", {}),
+    nn.Tanh: lambda m: ("tanh", {}), nn.Mish: lambda m: ("mish", {}),
+}
+# activation functions / methods in fx graphs -> name (kwargs read from the call)
+_ACT_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu", F.relu6: "relu6",
+              F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish",
+              torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.mish: "mish"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def _plain_conv(m) -> bool:
+    """Convs we may replace: nn.Conv2d itself, or a Conv2dAct still without activation."""
+    if type(m) is nn.Conv2d:
+        return True
+    return isinstance(m, Conv2dAct) and m.activation.code == A.IDENTITY and not m.track_stats
+
+
+def _foldable_bn(bn, conv) -> str | None:
+    """None when ``bn`` can be folded into ``conv``, else why not."""
+    if type(bn) is not nn.BatchNorm2d:
+        return "not a BatchNorm2d"
+    if bn.training:
+        return "BatchNorm2d is in training mode (batch statistics); call model.eval() to fold it"
+    if bn.running_mean is None:
+        return "BatchNorm2d has no running statistics (track_running_stats=False)"
+    if bn.num_features != conv.out_channels:
+        return "BatchNorm2d channels differ from the conv's"
+    return None
+
+
+def _fused(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act_name: str, act_kwargs: dict) -> Conv2dAct:
+    """The replacement layer; BN folded in float64: w' = w * s, b' = (b - mean) * s + beta,
+    s = gamma / sqrt(var + eps)."""
+    m = Conv2dAct.from_conv(conv, act_name, **act_kwargs)
+    if bn is None:
+        return m
+    with torch.no_grad():
+        w = conv.weight.to(torch.float64)
+        var, mean = bn.running_var.to(torch.float64), bn.running_mean.to(torch.float64)
+        gamma = bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(var)
+        beta = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(var)
+        s = gamma / torch.sqrt(var + bn.eps)
+        b = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(var)
+        if m.bias is None:
+            m.bias = nn.Parameter(torch.empty_like(conv.weight[:, 0, 0, 0]))
+        m.weight.copy_(w * s[:, None, None, None])
+        m.bias.copy_((b - mean) * s + beta)
+    return m
+
+
+def _act_of_module(m):
+    f = _ACT_MODULES.get(type(m))
+    return f(m) if f else None
+
+
+def _fuse_sequentials(model: nn.Module, report: list) -> None:
+    for prefix, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        i = 0
+        while i < len(keys):
+            conv = seq._modules[keys[i]]
+            if not _plain_conv(conv):
+                i += 1
+                continue
+            j, bn = i + 1, None
+            if j < len(keys) and isinstance(seq._modules[keys[j]], nn.modules.batchnorm._BatchNorm):
+                why = _foldable_bn(seq._modules[keys[j]], conv)
+                if why:
+                    report.append({"layer": _join(prefix, keys[i]), "fused": False, "reason": why})
+                    i = j + 1
+                    continue
+                bn, j = seq._modules[keys[j]], j + 1
+            act = _act_of_module(seq._modules[keys[j]]) if j < len(keys) else None
+            if act is None and bn is None:
+                i += 1
+                continue
+            name, kw = act if act else ("identity", {})
+            seq._modules[keys[i]] = _fused(conv, bn, name, kw)
+            replaced = [keys[k] for k in range(i + 1, j + (1 if act else 0))]
+            for k in replaced:
+                seq._modules[k] = nn.Identity()
+            report.append({"layer": _join(prefix, keys[i]), "fused": True, "batchnorm": bn is not None,
+                           "activation": str(seq._modules[keys[i]].activation),
+                           "replaced": [_join(prefix, k) for k in replaced], "pass": "sequential"})
+            i = j + (1 if act else 0)
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, Conv2dAct) or super().is_leaf_module(m, qualname)
+
+
+def _act_of_node(node, modules):
+    if node.op == "call_module":
+        return _act_of_module(modules[node.target])
+    if node.op == "call_function" and node.target in _ACT_FUNCS:
+        name = _ACT_FUNCS[node.target]
+        kw = {}
+        if name == "leaky_relu":
+            kw["negative_slope"] = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+        if name == "gelu":
+            kw["approximate"] = node.kwargs.get("approximate", "none")
+        return name, kw
+    if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1 and not node.kwargs:
+        return _ACT_METHODS[node.target], {}
+    return None
+
+
+def _fuse_fx(model: nn.Module, report: list):
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - untraceable models keep the Sequential pass only
+        report.append({"layer": "<model>", "fused": False,
+                       "reason": f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
+                                 "only nn.Sequential runs were fused"})
+        return model
+    gm = fx.GraphModule(model, graph)
+    modules = dict(gm.named_modules())
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not _plain_conv(modules.get(node.target)) or len(node.users) != 1:
+            continue
+        conv, nxt, bn, dead = modules[node.target], next(iter(node.users)), None, []
+        if nxt.op == "call_module" and isinstance(modules[nxt.target], nn.modules.batchnorm._BatchNorm):
+            if _foldable_bn(modules[nxt.target], conv) or len(nxt.users) != 1:
+                continue
+            bn, dead, nxt = modules[nxt.target], [nxt], next(iter(nxt.users))
+        act = _act_of_node(nxt, modules) if nxt.args and nxt.args[0] is (dead[-1] if dead else node) else None
+        if act is None and bn is None:
+            continue
+        name, kw = act if act else ("identity", {})
+        if act:
+            dead.append(nxt)
+        fused = _fused(conv, bn, name, kw)
+        _set_submodule(gm, node.target, fused)
+        last = dead[-1]
+        last.replace_all_uses_with(node)
+        for d in reversed(dead):
+            gm.graph.erase_node(d)
+        changed = True
+        report.append({"layer": node.target, "fused": True, "batchnorm": bn is not None,
+                       "activation": str(fused.activation), "replaced": [d.name for d in dead],
+                       "pass": "fx"})
+    if not changed:
+        return model
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()  # the folded BatchNorms
+    return gm
+
+
+def _set_submodule(root, target, new):
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def fuse(model: nn.Module, inplace: bool = False):
+    """Replace Conv2d [+ BatchNorm2d in eval mode, folded] + activation by ``Conv2dAct``.
+
+    Args:
+        model: any ``nn.Module``. BatchNorm is folded only in eval mode (running stats).
+        inplace: modify ``model`` itself (else a deep copy). The fx pass returns a new
+            ``GraphModule`` either way.
+
+    Returns:
+        ``(fused_model, report)``: report is a list of dicts, one per candidate layer:
+        ``layer``, ``fused``, and ``activation``/``batchnorm``/``replaced``/``pass`` or
+        ``reason`` (why a layer was left alone).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report: list = []
+    _fuse_sequentials(model, report)
+    if any(type(m) is nn.Conv2d for m in model.modules()) and not isinstance(model, nn.Sequential):
+        model = _fuse_fx(model, report)
+    return model, report

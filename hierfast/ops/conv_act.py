@@ -1,0 +1,206 @@
+"""Fused 2-D convolution + bias + activation, forward and backward, over backends.
+
+Definition (``reference``): ``y = act(conv2d(x, w) + b)`` with symmetric explicit
+padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
+
+* ``cpu``: torch's convolution without bias, then ONE C++/OpenMP pass adding the
+  bias and applying the activation in place (``hierfast._C.conv_act_forward``); for
+  inference in float32/bfloat16, oneDNN's fused post-op convolution
+  (``torch.ops.mkldnn._convolution_pointwise``) where :func:`_onednn_pays` says it
+  is faster (measured, benchmarks/bench_conv.py).
+* ``cuda``: torch's (cuDNN) convolution, then the CUDA epilogue kernel in place.
+* ``triton``: an implicit-GEMM NHWC convolution (depthwise: a direct kernel) with bias
+  and activation in the epilogue (hierfast/kernels/conv_act.py).
+
+Backward (every backend): ``grad_z = grad_y * act'(saved)`` fused with the bias
+gradient (one pass), then ``aten.convolution_backward`` for input and weight.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _dtypes
+from ..backends import Op
+from . import activations as A
+from ._launch import cpu_kernels, cuda_kernels, cuda_stream
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FORWARD = Op("conv2d_act")
+ACT_GRAD = Op("conv2d_act_grad")
+
+
+class ConvArgs(tuple):
+    """(stride, padding, dilation, groups) with 2-tuples of ints."""
+
+    __slots__ = ()
+
+    def __new__(cls, stride, padding, dilation, groups):
+        return super().__new__(cls, (tuple(stride), tuple(padding), tuple(dilation), int(groups)))
+
+    stride = property(lambda s: s[0])
+    padding = property(lambda s: s[1])
+    dilation = property(lambda s: s[2])
+    groups = property(lambda s: s[3])
+
+
+def _conv(x, w, b, p: ConvArgs):
+    return torch.ops.aten.convolution(x, w, b, list(p.stride), list(p.padding), list(p.dilation), False,
+                                      [0, 0], p.groups)
+
+
+def _layout(z: torch.Tensor):
+    """(tensor in NCHW or NHWC dense order, nhwc flag)."""
+    if z.is_contiguous():
+        return z, False
+    if z.is_contiguous(memory_format=torch.channels_last):
+        return z, True
+    return z.contiguous(), False
+
+
+# --------------------------------------------------------------------------- forward impls
+# Each returns (y, saved): saved is y or z per act.grad_from_output, None when not keep.
+
+@FORWARD.register("reference", devices=("cpu", "cuda"), dtypes=_FLOATS)
+def _fwd_reference(x, w, b, p, act, keep, stats):
+    z = _conv(x, w, b, p)
+    y = A.apply(z, act)
+    if stats is not None:
+        _stats_reference(y, stats)
+    saved = (y if act.grad_from_output else z) if keep else None
+    return y, saved
+
+
+def _stats_reference(y, stats):
+    yd = y.detach().to(torch.float64).transpose(0, 1).reshape(y.shape[1], -1)
+    stats[:, 0] += yd.sum(1)
+    stats[:, 1] += (yd * yd).sum(1)
+    stats[:, 2] += (yd > 0).sum(1).to(torch.float64)
+
+
+def _onednn_pays(x, w, p, act) -> bool:
+    """oneDNN's post-op conv beats conv + our epilogue (measured on a 2-core x86 CPU,
+    fp32 channels_last, benchmarks/bench_conv.py): for depthwise and few-input-channel
+    (stem) convolutions, where torch's own conv path is slow. Elsewhere torch's conv
+    + the epilogue is as fast or faster."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or A.onednn_attr(act) is None:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    cin = w.shape[1] * p.groups
+    depthwise = p.groups == cin and w.shape[1] == 1
+    return depthwise or cin <= 4
+
+
+def _epilogue_forward(x, w, b, p, act, keep, stats, run):
+    z, nhwc = _layout(_conv(x, w, None, p))
+    n, c = z.shape[0], z.shape[1]
+    hw = z.shape[2] * z.shape[3]
+    if b is not None:
+        b = b.contiguous()
+    # In place unless z must survive as the saved pre-activation.
+    y = torch.empty_like(z) if keep and not act.grad_from_output else z
+    run(z, y, n, c, hw, nhwc, b, stats)
+    saved = (y if act.grad_from_output else z) if keep else None
+    return y, saved
+
+
+@FORWARD.register("cpu", devices=("cpu",), dtypes=_FLOATS)
+def _fwd_cpu(x, w, b, p, act, keep, stats):
+    if not keep and stats is None and not x.requires_grad and _onednn_pays(x, w, p, act):
+        attr, scalars, algo = A.onednn_attr(act)
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, b, list(p.padding), list(p.stride), list(p.dilation),
+                                                    p.groups, attr, scalars, algo)
+        return y, None
+
+    def run(z, y, n, c, hw, nhwc, b, stats):
+        cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, hw, nhwc,
+                                       0 if b is None else b.data_ptr(), act.code, act.alpha,
+                                       0 if stats is None else stats.data_ptr())
+    return _epilogue_forward(x, w, b, p, act, keep, stats, run)
+
+
+@FORWARD.register("cuda", devices=("cuda",), dtypes=_FLOATS)
+def _fwd_cuda(x, w, b, p, act, keep, stats):
+    def run(z, y, n, c, hw, nhwc, b, stats):
+        with torch.cuda.device(z.device):
+            cuda_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, hw, nhwc,
+                                            0 if b is None else b.data_ptr(), act.code, act.alpha,
+                                            0 if stats is None else stats.data_ptr(), cuda_stream(z))
+    return _epilogue_forward(x, w, b, p, act, keep, stats, run)
+
+
+def _triton_reasons(x, w, *rest):
+    return [] if x.dim() == 4 and w.dim() == 4 else ["takes 4-D input and weight"]
+
+
+@FORWARD.register("triton", devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                  reasons=_triton_reasons)
+def _fwd_triton(x, w, b, p, act, keep, stats):
+    from ..kernels.conv_act import conv2d_act_triton
+
+    z = conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation, p.groups, A.IDENTITY, 0.0) \
+        if keep and not act.grad_from_output else None
+    y = A.apply(z, act) if z is not None else conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation,
+                                                                 p.groups, act.code, act.alpha)
+    if stats is not None:
+        _stats_reference(y, stats)
+    saved = (y if act.grad_from_output else z) if keep else None
+    return y, saved
+
+
+# --------------------------------------------------------------------------- activation grad impls
+# (grad_y, saved, act, want_bias) -> (grad_z, grad_bias float64 (C,) or None)
+
+@ACT_GRAD.register("reference", devices=("cpu", "cuda"), dtypes=_FLOATS)
+def _grad_reference(gy, saved, act, want_bias):
+    gz = gy * A.derivative(saved, act)
+    gb = gz.to(torch.float64).sum((0, 2, 3)) if want_bias else None
+    return gz, gb
+
+
+def _epilogue_grad(gy, saved, act, want_bias, run):
+    saved, nhwc = _layout(saved)
+    gy = gy.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    gz = torch.empty_like(saved)
+    n, c = saved.shape[0], saved.shape[1]
+    gb = torch.zeros(c, dtype=torch.float64, device=saved.device) if want_bias else None
+    run(gy, saved, gz, n, c, saved.shape[2] * saved.shape[3], nhwc, gb)
+    return gz, gb
+
+
+@ACT_GRAD.register("cpu", devices=("cpu",), dtypes=_FLOATS)
+def _grad_cpu(gy, saved, act, want_bias):
+    def run(gy, s, gz, n, c, hw, nhwc, gb):
+        cpu_kernels().conv_act_backward(gy.data_ptr(), s.data_ptr(), gz.data_ptr(), _dtypes.code(s.dtype), n, c,
+                                        hw, nhwc, act.code, act.alpha, 0 if gb is None else gb.data_ptr())
+    return _epilogue_grad(gy, saved, act, want_bias, run)
+
+
+@ACT_GRAD.register("cuda", devices=("cuda",), dtypes=_FLOATS)
+def _grad_cuda(gy, saved, act, want_bias):
+    def run(gy, s, gz, n, c, hw, nhwc, gb):
+        with torch.cuda.device(s.device):
+            cuda_kernels().conv_act_backward(gy.data_ptr(), s.data_ptr(), gz.data_ptr(), _dtypes.code(s.dtype), n,
+                                             c, hw, nhwc, act.code, act.alpha, 0 if gb is None else gb.data_ptr(),
+                                             cuda_stream(s))
+    return _epilogue_grad(gy, saved, act, want_bias, run)
+
+
+# --------------------------------------------------------------------------- entry points
+def forward(x, w, b, p: ConvArgs, act: A.Activation, *, keep: bool = False, stats=None, backend=None):
+    """``(y, saved)``; ``saved`` (what backward needs besides x, w) only when ``keep``."""
+    impl = FORWARD.select((x, w) if b is None else (x, w, b), backend)
+    return impl.fn(x, w, b, p, act, keep, stats)
+
+
+def backward(gy, x, w, saved, p: ConvArgs, act: A.Activation, mask, *, backend=None):
+    """Gradients ``(gx, gw, gb)`` (None where ``mask`` is False) of ``y = act(conv(x, w) + b)``."""
+    want_x, want_w, want_b = mask
+    impl = ACT_GRAD.select((gy, saved), backend if backend != "triton" else None)
+    gz, gb = impl.fn(gy, saved, act, want_b)
+    gx = gw = None
+    if want_x or want_w:
+        gx, gw, _ = torch.ops.aten.convolution_backward(gz, x, w, None, list(p.stride), list(p.padding),
+                                                        list(p.dilation), False, [0, 0], p.groups,
+                                                        [want_x, want_w, False])
+    return gx, gw, (gb.to(gy.dtype) if gb is not None else None)

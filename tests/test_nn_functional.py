@@ -1,0 +1,283 @@
+"""hierfast.functional.conv2d_act against F.conv2d + activation in float64: shapes,
+memory formats, dtypes, backends, gradients, custom-op checks, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hierfast import _dtypes
+from hierfast.functional import conv2d_act
+from hierfast.ops import activations as A
+from hierfast.ops._launch import cpu_kernels
+from conftest import available_backends
+
+ACTS = [("identity", {}), ("relu", {}), ("relu6", {}), ("leaky_relu", {"negative_slope": 0.2}),
+        ("leaky_relu", {"negative_slope": -0.3}), ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}),
+        ("hardswish", {}), ("sigmoid", {}), ("tanh", {}), ("mish", {})]
+ACT_IDS = [n + ("_" + "_".join(map(str, kw.values())) if kw else "") for n, kw in ACTS]
+# (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
+SHAPES = [
+    (2, 3, 13, 11, 8, 7, 2, 3, 1, 1),     # stem-like 7x7/2, odd sizes
+    (2, 4, 9, 10, 6, 3, 1, 1, 1, 1),      # 3x3
+    (3, 8, 7, 7, 8, 3, 1, 2, 2, 1),       # dilation 2
+    (2, 6, 8, 9, 4, 3, 2, 1, 1, 2),       # groups 2, stride 2
+    (2, 6, 11, 8, 6, 3, 1, 1, 1, 6),      # depthwise
+    (1, 5, 6, 7, 9, 1, 1, 0, 1, 1),       # 1x1
+    (2, 4, 5, 5, 3, (1, 3), (2, 1), (0, 1), (1, 2), 1),  # rectangular kernel, mixed stride
+]
+CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
+
+
+def _data(shape, dtype=torch.float32, channels_last=False, bias=True):
+    n, cin, h, w, cout, k, s, p, d, g = shape
+    k = k if isinstance(k, tuple) else (k, k)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64) * 2
+    wt = torch.randn(cout, cin // g, *k, dtype=torch.float64) / (cin // g * k[0] * k[1]) ** 0.5
+    b = torch.randn(cout, dtype=torch.float64) if bias else None
+    x, wt = x.to(dtype), wt.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, wt, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def _ref(x, w, b, kw, name, akw):
+    z = F.conv2d(x.double(), w.double(), None if b is None else b.double(), **kw)
+    return A.apply(z, A.resolve(name, **akw))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
+def test_forward_fp32_matches_float64(shape, channels_last, backend):
+    for (name, akw), bias in zip(ACTS, [True, False] * 6):
+        x, w, b, kw = _data(shape, channels_last=channels_last, bias=bias)
+        y = conv2d_act(x, w, b, activation=name, backend=backend, **kw, **akw)
+        ref = _ref(x, w, b, kw, name, akw)
+        assert y.shape == ref.shape and y.dtype == torch.float32
+        # same memory format as torch's own conv
+        assert y.is_contiguous(memory_format=torch.channels_last) == \
+            F.conv2d(x, w, b, **kw).is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y.double(), ref, atol=2e-5 * max(1.0, ref.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"{name}{akw}: {m}")
+
+
+def _tol_from_torch(x, w, b, kw, name, akw, dtype):
+    """2x the error of torch's own conv + activation in ``dtype`` (plus one ulp of slack)."""
+    ref = _ref(x, w, b, kw, name, akw)
+    theirs = A.apply(F.conv2d(x, w, b, **kw), A.resolve(name, **akw)).double()
+    eps = torch.finfo(dtype).eps * ref.abs().max().item()
+    return ref, 2 * (theirs - ref).abs().max().item() + eps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_forward_low_precision_within_2x_torch_error(dtype, channels_last):
+    for i, (name, akw) in enumerate(ACTS):
+        x, w, b, kw = _data(SHAPES[i % len(SHAPES)], dtype=dtype, channels_last=channels_last)
+        ref, tol = _tol_from_torch(x, w, b, kw, name, akw, dtype)
+        y = conv2d_act(x, w, b, activation=name, **kw, **akw)
+        assert y.dtype == dtype
+        err = (y.double() - ref).abs().max().item()
+        assert err <= tol, f"{name}{akw} {dtype}: error {err:.3g} > 2x torch's ({tol:.3g})"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_gradcheck_float64(act, backend):
+    name, akw = act
+    x, w, b, kw = _data((1, 4, 5, 6, 4, 3, 1, 1, 1, 2), dtype=torch.float64)
+    # keep |z| away from the kinks of relu6/hardswish/leaky so finite differences are valid
+    args = tuple(t.detach().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: conv2d_act(x, w, b, activation=name, backend=backend,
+                                                               **kw, **akw), args)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_fp32_gradients_match_float64(act, channels_last):
+    name, akw = act
+    for shape in (SHAPES[0], SHAPES[4]):
+        x, w, b, kw = _data(shape, channels_last=channels_last)
+        ours = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = conv2d_act(*ours, activation=name, **kw, **akw)
+        g = torch.randn_like(y)
+        y.backward(g)
+        refs = [t.double().requires_grad_() for t in (x, w, b)]
+        _ref(*refs[:2], refs[2], kw, name, akw).backward(g.double())
+        for o, r in zip(ours, refs):
+            torch.testing.assert_close(o.grad.double(), r.grad, atol=5e-5 * max(1, r.grad.abs().max().item()),
+                                       rtol=0)
+
+
+def test_only_needed_gradients_and_no_bias():
+    x, w, _, kw = _data(SHAPES[1], dtype=torch.float64)
+    w.requires_grad_()
+    conv2d_act(x, w, None, activation="gelu", **kw).sum().backward()
+    ref = w.detach().clone().requires_grad_()
+    F.gelu(F.conv2d(x, ref, None, **kw)).sum().backward()
+    torch.testing.assert_close(w.grad, ref.grad)
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("padding,k,d", [("same", 4, 1), ("same", 3, 2), ("same", (2, 5), (3, 1)),
+                                          ("valid", 3, 1), ((2, 0), 3, 1)])
+def test_padding_modes_and_unbatched(padding, k, d):
+    x = torch.randn(3, 9, 10, dtype=torch.float64)
+    k2 = k if isinstance(k, tuple) else (k, k)
+    w = torch.randn(4, 3, *k2, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    y = conv2d_act(x, w, b, padding=padding, dilation=d, activation="silu")
+    torch.testing.assert_close(y, F.silu(F.conv2d(x, w, b, padding=padding, dilation=d)))
+
+
+def test_nan_propagates_like_torch():
+    # C++ epilogue path (the oneDNN inference path for stem/depthwise convs follows
+    # oneDNN, whose ReLU maps NaN to 0; documented in hierfast/ops/conv_act.py)
+    x, w, b, kw = _data(SHAPES[2])
+    x[0, 0, 4, 4] = float("nan")
+    for name, akw in ACTS:
+        y = conv2d_act(x, w, b, activation=name, **kw, **akw)
+        ref = _ref(x, w, b, kw, name, akw)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_cpu_epilogue_kernel_writes_every_element(dtype, nhwc):
+    """The raw epilogue (keep mode) into a NaN-poisoned output, and its backward."""
+    z0 = torch.randn(3, 5, 4, 7, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    for name, akw in ACTS:
+        act = A.resolve(name, **akw)
+        zin = z0.to(dtype)
+        z = zin.clone()
+        if nhwc:
+            z = z.to(memory_format=torch.channels_last)
+        y = torch.full_like(z, float("nan"))
+        stats = torch.zeros(5, 3, dtype=torch.float64)
+        bt = b.to(dtype)  # keep alive: the kernel takes a raw address
+        cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(dtype), 3, 5, 28, nhwc,
+                                       bt.data_ptr(), act.code, act.alpha, stats.data_ptr())
+        zref = zin.double() + bt.double()[:, None, None]
+        yref = A.apply(zref, act)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(z.double(), zref.to(dtype).double(), atol=tol, rtol=tol)
+        torch.testing.assert_close(y.double(), yref, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+        yd = y.double()
+        ref_stats = torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+        torch.testing.assert_close(stats, ref_stats, atol=1e-9 * max(1, ref_stats.abs().max().item()), rtol=1e-9)
+        # backward: grad_z and the bias gradient
+        g = torch.randn_like(y)
+        saved = y if act.grad_from_output else z
+        gz = torch.full_like(saved, float("nan"))
+        gb = torch.zeros(5, dtype=torch.float64)
+        cpu_kernels().conv_act_backward(g.data_ptr(), saved.data_ptr(), gz.data_ptr(), _dtypes.code(dtype), 3, 5,
+                                        28, nhwc, act.code, act.alpha, gb.data_ptr())
+        gref = g.double() * A.derivative(saved.double(), act)
+        torch.testing.assert_close(gz.double(), gref, atol=tol * 4, rtol=tol * 4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(gb, gz.double().sum((0, 2, 3)), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(x=torch.randn(2, 5, 8, 8)), ValueError, "to have 4 channels, but got 5"),
+    (dict(x=torch.randn(8, 8)), ValueError, "3D .unbatched. or 4D"),
+    (dict(activation="swishy"), ValueError, "unknown activation 'swishy'"),
+    (dict(activation="relu", akw={"negative_slope": 0.1}), TypeError, "takes no argument"),
+    (dict(x=torch.randn(2, 4, 8, 8, dtype=torch.float64)), TypeError, r"Input type \(torch.float64\) and weight"),
+    (dict(b=torch.randn(5)), ValueError, "bias must have shape"),
+    (dict(w=torch.randn(6, 4, 3, 3, device="meta")), ValueError, "weight is on meta"),
+    (dict(padding="full"), ValueError, "padding must be 'same', 'valid'"),
+    (dict(x=torch.randn(2, 4, 2, 2)), ValueError, "smaller than the dilated kernel"),
+    (dict(stride=0), ValueError, "stride and dilation must be >= 1"),
+])
+def test_errors(bad, exc, match):
+    a = dict(x=torch.randn(2, 4, 8, 8), w=torch.randn(6, 4, 3, 3), b=torch.randn(6), activation="relu", akw={},
+             padding=0, stride=1)
+    a.update(bad)
+    with pytest.raises(exc, match=match):
+        conv2d_act(a["x"], a["w"], a["b"], stride=a["stride"], padding=a["padding"], activation=a["activation"],
+                   **a["akw"])
+
+
+def test_stats_tap_matches_reference():
+    x, w, b, kw = _data(SHAPES[3], channels_last=True)
+    stats = torch.zeros(w.shape[0], 3, dtype=torch.float64)
+    for _ in range(2):
+        y = conv2d_act(x, w, b, activation="gelu", stats=stats, **kw)
+    yd = y.double()
+    ref = 2 * torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+    torch.testing.assert_close(stats, ref, atol=1e-8, rtol=1e-9)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_opcheck(act, channels_last):
+    x = torch.randn(2, 4, 7, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(6, 2, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    a = A.resolve(act)
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.hierfast.conv2d_act.default,
+                              (x, w, b, [2, 1], [1, 1], [1, 1], 2, a.name, a.code, a.alpha, keep))
+
+
+def test_compile_fullgraph_forward_backward():
+    x = torch.randn(2, 4, 9, 9).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+
+    def f(x, w, b):
+        return conv2d_act(x, w, b, padding=1, activation="gelu", approximate="tanh").square().sum()
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(x, w, b)
+    out.backward()
+    grads = [t.grad.clone() for t in (x, w, b)]
+    refs = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    F.gelu(F.conv2d(refs[0], refs[1], refs[2], padding=1), approximate="tanh").square().sum().backward()
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g.double(), r.grad, atol=1e-3 * max(1, r.grad.abs().max().item()), rtol=0)
+
+
+def test_export():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(5, 3, 3, 3))
+
+        def forward(self, x):
+            return conv2d_act(x, self.w, None, padding="same", activation="mish")
+
+    m, x = M(), torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(m, (x,))
+    assert any("hierfast.conv2d_act" in str(n.target) for n in ep.graph.nodes)
+    x2 = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ep.module()(x2), F.mish(F.conv2d(x2, m.w, padding="same")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the CUDA epilogue is compiled, not run)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_epilogue_matches_float64(dtype, channels_last):
+    for (name, akw), shape in zip(ACTS, SHAPES * 2):
+        x, w, b, kw = _data(shape, dtype=dtype, channels_last=channels_last)
+        x, w, b = x.cuda(), w.cuda(), b.cuda()
+        ref, tol = _tol_from_torch(x, w, b, kw, name, akw, dtype)
+        stats = torch.zeros(w.shape[0], 3, dtype=torch.float64, device="cuda")
+        y = conv2d_act(x, w, b, activation=name, backend="cuda", stats=stats, **kw, **akw)
+        assert (y.double() - ref).abs().max().item() <= max(tol, 1e-12), name
+        xs = [t.clone().requires_grad_() for t in (x, w, b)]
+        conv2d_act(*xs, activation=name, backend="cuda", **kw, **akw).sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in xs)
+
+
+def test_cuda_kernels_are_compiled_when_built():
+    from hierfast import _ext
+
+    mod, _ = _ext.cuda_module()
+    if mod is None:
+        pytest.skip("hierfast was built without CUDA")
+    assert hasattr(mod, "conv_act_forward") and hasattr(mod, "conv_act_backward")

@@ -1,0 +1,178 @@
+"""hierfast.nn: Conv2dAct (nn.Conv2d compatibility), fuse (Sequential and fx, BN folding), stats taps."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hierfast
+from hierfast.nn import Conv2dAct, fuse, layer_stats, reset_stats, track_stats
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.weight.data.normal_()
+                m.bias.data.normal_()
+    return model
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, "same", (2, 1)])
+def test_conv2dact_equals_conv_plus_activation(padding_mode, padding):
+    torch.manual_seed(0)
+    m = Conv2dAct(4, 6, 3, padding=padding, padding_mode=padding_mode, activation="leaky_relu",
+                  negative_slope=0.1, dtype=torch.float64)
+    ref = nn.Conv2d(4, 6, 3, padding=padding, padding_mode=padding_mode, dtype=torch.float64)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(m(x), F.leaky_relu(ref(x), 0.1))
+    torch.testing.assert_close(m(x[0]), F.leaky_relu(ref(x[0]), 0.1))  # unbatched
+
+
+def test_state_dict_round_trip_and_repr():
+    conv = nn.Conv2d(3, 5, 3, stride=2, bias=False)
+    m = Conv2dAct(3, 5, 3, stride=2, bias=False, activation="gelu", approximate="tanh")
+    assert list(m.state_dict()) == list(conv.state_dict()) == ["weight"]
+    m.load_state_dict(conv.state_dict())
+    assert torch.equal(m.weight, conv.weight)
+    conv.load_state_dict(Conv2dAct(3, 5, 3, stride=2, bias=False).state_dict())
+    assert "activation=gelu(approximate='tanh')" in repr(m)
+    assert isinstance(m, nn.Conv2d)
+    with pytest.raises(ValueError, match="unknown activation"):
+        Conv2dAct(3, 5, 3, activation="swish2")
+
+
+def test_training_step_matches_eager():
+    torch.manual_seed(0)
+    m = Conv2dAct(4, 6, 3, padding=1, activation="silu")
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(3, 4, 8, 8).to(memory_format=torch.channels_last)
+    m(x).square().mean().backward()
+    F.silu(ref(x)).square().mean().backward()
+    for a, b in ((m.weight, ref.weight), (m.bias, ref.bias)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def _seq_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), nn.BatchNorm2d(8, affine=False), nn.ReLU6(),
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16),  # conv + BN, no activation
+        nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.GELU(approximate="tanh")),
+        nn.Conv2d(16, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.Mish(), nn.Conv2d(4, 4, 1), nn.Tanh(),
+        nn.Conv2d(4, 4, 1), nn.Sigmoid(), nn.Conv2d(4, 4, 1), nn.SiLU(), nn.Conv2d(4, 4, 1), nn.LeakyReLU(0.3),
+        nn.Conv2d(4, 2, 1),  # lone conv: left alone
+    )
+
+
+def test_fuse_sequential_equals_original():
+    torch.manual_seed(0)
+    model = _randomise_bn(_seq_model()).eval()
+    fused, report = fuse(model)
+    assert fused is not model and type(model[0]) is nn.Conv2d  # not in place
+    done = [r for r in report if r["fused"]]
+    assert len(done) == 10 and sum(r["batchnorm"] for r in done) == 3
+    assert sum(isinstance(m, Conv2dAct) for m in fused.modules()) == 10
+    assert type(fused[-1]) is nn.Conv2d
+    x = torch.randn(2, 3, 17, 15)
+    assert _rel(fused(x), model(x)) <= 1e-5
+
+
+def test_fuse_inplace_and_training_bn_is_reported():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    out, report = fuse(model, inplace=True)  # BN in training mode
+    assert out is model
+    assert not report[0]["fused"] and "training mode" in report[0]["reason"]
+    assert report[1]["fused"] and isinstance(model[3], Conv2dAct)
+
+
+class _Block(nn.Module):
+    """Not a Sequential: residual block with functional activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.c1(x)))
+        h = F.gelu(self.c2(h)) + x
+        z = self.c3(h)
+        return z.sigmoid() + z  # c3's output has two users: must not be fused
+
+
+def test_fuse_fx_graph():
+    torch.manual_seed(0)
+    model = _randomise_bn(_Block()).eval()
+    fused, report = fuse(model)
+    assert isinstance(fused, torch.fx.GraphModule)
+    fx_done = {r["layer"]: r for r in report if r["fused"]}
+    assert set(fx_done) == {"c1", "c2"} and fx_done["c1"]["batchnorm"]
+    assert type(fused.c3) is nn.Conv2d
+    x = torch.randn(2, 4, 9, 9)
+    assert _rel(fused(x), model(x)) <= 1e-5
+
+
+def test_fuse_untraceable_model_reports_and_keeps_sequentials():
+    class Dyn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+            self.head = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            h = self.body(x)
+            if h.sum() > 0:  # data-dependent control flow: fx cannot trace
+                h = self.head(h)
+            return h
+
+    fused, report = fuse(Dyn().eval())
+    assert isinstance(fused.body[0], Conv2dAct)
+    assert any(not r["fused"] and "torch.fx could not trace" in r["reason"] for r in report)
+
+
+def test_fused_model_compiles_fullgraph():
+    torch.manual_seed(0)
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
+                                        nn.Conv2d(8, 8, 3, groups=8), nn.ReLU())).eval()
+    fused, _ = fuse(model)
+    x = torch.randn(2, 3, 10, 10)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert _rel(torch.compile(fused, fullgraph=True)(x), model(x)) <= 1e-5
+
+
+def test_track_stats():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, stride=2), nn.GELU())
+    fused, _ = fuse(model)
+    assert track_stats(fused) == ["0", "2"]
+    xs = [torch.randn(2, 3, 9, 9), torch.randn(3, 3, 9, 9).to(memory_format=torch.channels_last)]
+    for x in xs:
+        fused(x)
+    stats = layer_stats(fused)
+    for name, upto in (("0", 2), ("2", 4)):
+        ys = torch.cat([model[:upto](x).detach().double().transpose(0, 1).reshape(model[upto - 2].out_channels, -1)
+                        for x in xs], 1)
+        s = stats[name]
+        assert s["count"] == ys.shape[1]
+        torch.testing.assert_close(s["mean"], ys.mean(1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s["var"], ys.var(1, unbiased=False), atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(s["frac_active"], (ys > 0).double().mean(1))
+    reset_stats(fused)
+    assert layer_stats(fused) == {}
+
+
+def test_lazy_package_attributes():
+    assert hierfast.nn.Conv2dAct is Conv2dAct
+    assert callable(hierfast.functional.conv2d_act)

@@ -1,0 +1,70 @@
+"""Triton conv kernels (implicit GEMM, depthwise) under TRITON_INTERPRET=1 (or on a GPU)
+against F.conv2d + activation in float64, small shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hierfast.backends import backend_status
+from hierfast.functional import conv2d_act
+from hierfast.ops import activations as A
+
+pytestmark = pytest.mark.skipif(not backend_status("triton")["available"],
+                                reason="triton backend unavailable: " + str(backend_status("triton")["reason"]))
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ACTS = [("identity", {}), ("relu", {}), ("relu6", {}), ("leaky_relu", {"negative_slope": 0.2}), ("gelu", {}),
+        ("gelu", {"approximate": "tanh"}), ("silu", {}), ("hardswish", {}), ("sigmoid", {}), ("tanh", {}),
+        ("mish", {})]
+# (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
+SHAPES = [(2, 3, 9, 11, 5, 7, 2, 3, 1, 1), (1, 6, 7, 6, 18, 3, 1, 1, 1, 1), (2, 4, 7, 7, 6, 3, 2, 2, 2, 2),
+          (1, 20, 5, 4, 7, 1, 1, 0, 1, 1)]
+DW = [(2, 5, 9, 8, 5, 3, 1, 1, 1, 5), (1, 20, 7, 9, 20, 3, 2, 1, 1, 20), (1, 3, 8, 8, 3, 5, 1, 4, 2, 3)]
+
+
+def _check(shape, channels_last, bias, act, dtype=torch.float32):
+    n, cin, h, w, cout, k, s, p, d, g = shape
+    name, akw = act
+    x = torch.randn(n, cin, h, w, dtype=torch.float64, device=DEV)
+    wt = torch.randn(cout, cin // g, k, k, dtype=torch.float64, device=DEV) / (cin // g * k * k) ** 0.5
+    b = torch.randn(cout, dtype=torch.float64, device=DEV) if bias else None
+    ref = A.apply(F.conv2d(x, wt, b, s, p, d, g), A.resolve(name, **akw))
+    xi = x.to(dtype)
+    if channels_last:
+        xi = xi.to(memory_format=torch.channels_last)
+    y = conv2d_act(xi, wt.to(dtype), None if b is None else b.to(dtype), s, p, d, g, activation=name,
+                   backend="triton", **akw)
+    assert y.shape == ref.shape and y.dtype == dtype
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype] * max(1, ref.abs().max().item())
+    torch.testing.assert_close(y.double(), ref, atol=tol, rtol=0, msg=lambda m: f"{name}{akw}: {m}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
+def test_implicit_gemm(shape, channels_last):
+    for i, act in enumerate(ACTS):
+        if i % 2 == (0 if channels_last else 1):  # every activation runs, split over the two layouts
+            _check(shape, channels_last, bias=i % 3 != 0, act=act)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", DW, ids=[f"dw{i}" for i in range(len(DW))])
+def test_depthwise(shape, channels_last):
+    for i, act in enumerate(ACTS):
+        if i % 2 == (0 if channels_last else 1):
+            _check(shape, channels_last, bias=i % 3 != 1, act=act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(dtype):
+    _check(SHAPES[1], True, True, ("silu", {}), dtype)
+    _check(DW[0], True, True, ("relu", {}), dtype)
+
+
+def test_triton_forward_backward():
+    x = torch.randn(2, 4, 6, 6, device=DEV, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, device=DEV, requires_grad=True)
+    y = conv2d_act(x, w, None, padding=1, activation="gelu", backend="triton")
+    y.square().sum().backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.gelu(F.conv2d(xr, wr, padding=1)).square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-3 * xr.grad.abs().max().item(), rtol=0)
+    torch.testing.assert_close(w.grad.double(), wr.grad, atol=1e-3 * wr.grad.abs().max().item(), rtol=0)

@@ -20,7 +20,7 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(quick=args.quick, seed=args.seed)
+    return run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, progress=not args.no_progress)
 
 
 def _find_benchmarks() -> Path | None:
@@ -65,9 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("info", help="versions and available backends")
     pi.add_argument("--json", action="store_true", help="print the info dict as JSON")
     pi.set_defaults(func=_cmd_info)
-    pd = sub.add_parser("demo", help="train a small CNN on real digits and print its layer x layer CKA")
-    pd.add_argument("--quick", action="store_true", help="fewer training epochs")
+    pd = sub.add_parser("demo", help="train a small CNN on real digits, measure its hierarchy, write a report")
+    pd.add_argument("--out", default="hierfast-demo", help="output directory (default: hierfast-demo)")
+    pd.add_argument("--quick", action="store_true", help="fewer epochs and samples (under 30 s)")
     pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--device", default=None, help="torch device for the analysis (default cpu)")
+    pd.add_argument("--no-progress", action="store_true", help="no progress bars")
     pd.set_defaults(func=_cmd_demo)
     pb = sub.add_parser("bench", help="run the benchmarks (source checkout) and print one table")
     pb.add_argument("names", nargs="*", metavar="NAME",

@@ -1,111 +1,175 @@
-"""``hierfast demo``: train a small CNN on real handwritten digits and print its hierarchy.
+"""``hierfast demo``: train a small CNN on real handwritten digits and measure its hierarchy.
 
-The data are the 1,797 8x8 digit images that scikit-learn ships (no download). The
-CNN is trained for a few epochs on 80 % of them; then the layer x layer debiased
-CKA of the trained network on the held-out 20 % is streamed through
-:class:`hierfast.stats.MinibatchCKA`, together with trained-vs-initial CKA per
-layer (how much training changed each layer).
+The data are the 1,797 8x8 digit images that scikit-learn ships (no download), upsampled
+to 16x16. A CNN of six :class:`hierfast.nn.Conv2dAct` blocks is trained on 80 % of them;
+then the trained network *and* the same network at initialisation are measured on the
+held-out 20 % with every statistic hierfast has — layer x layer CKA, invariance to
+translation, rotation, noise and blur, linear probes with a control task, intrinsic
+dimension and participation ratio, sparsity — and ``report.html`` (one self-contained
+file), the PNG figures and ``results.json`` are written to ``--out``.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+IMAGE_SIZE = 16
+CHANNELS = (16, 32, 32, 64, 64, 64)
+STRIDES = (1, 1, 2, 1, 2, 1)
+LAYERS = [f"conv{i + 1}" for i in range(len(CHANNELS))] + ["head"]
 
-def load_digits_tensors(seed: int = 0):
-    """(x_train, y_train, x_test, y_test): float32 images (N, 1, 8, 8) in [0, 1], int64 labels."""
+
+def load_digits_split(seed: int = 0, size: int = IMAGE_SIZE):
+    """(x_train, y_train, x_test, y_test): float32 images (N, 1, size, size) standardised
+    with the training mean/std, int64 labels; an 80/20 split drawn with ``seed``."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - exercised only without sklearn
         raise SystemExit("the demo uses the digits data set that scikit-learn ships: pip install scikit-learn") from exc
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.tensor(d.target, dtype=torch.int64)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     split = int(0.8 * len(y))
     tr, te = perm[:split], perm[split:]
+    mean, std = x[tr].mean(), x[tr].std()
+    x = (x - mean) / std
     return x[tr], y[tr], x[te], y[te]
 
 
-def make_cnn() -> nn.Sequential:
-    """Four conv blocks and a linear head on 8x8 digits."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
-    )
+def make_demo_cnn() -> nn.Sequential:
+    """Six fused conv + ReLU blocks (each followed by BatchNorm), global pooling, a linear head."""
+    from .nn import Conv2dAct
+
+    blocks: list[tuple[str, nn.Module]] = []
+    c_in = 1
+    for i, (c, s) in enumerate(zip(CHANNELS, STRIDES)):
+        blocks.append((f"conv{i + 1}", Conv2dAct(c_in, c, 3, stride=s, padding=1, activation="relu")))
+        blocks.append((f"bn{i + 1}", nn.BatchNorm2d(c)))
+        c_in = c
+    blocks += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("head", nn.Linear(c_in, 10))]
+    return nn.Sequential(OrderedDict(blocks))
 
 
-LAYER_NAMES = ["relu1", "relu2", "relu3", "relu4", "logits"]
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress or not sys.stderr.isatty(), leave=False)
 
 
-def layer_features(model: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Outputs of the four ReLUs and the logits (a plain pass through the Sequential)."""
-    feats, h = {}, x
-    relu_i = 0
-    for module in model:
-        h = module(h)
-        if isinstance(module, nn.ReLU):
-            relu_i += 1
-            feats[f"relu{relu_i}"] = h
-    feats["logits"] = h
-    return feats
-
-
-def train(model, x, y, epochs: int, seed: int) -> None:
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int,
+          progress: bool = True, batch: int = 64) -> None:
+    """AdamW with a one-cycle schedule and random 1-pixel shifts; deterministic under ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps = epochs * ((len(y) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
+    model.train()
+    with _bar(steps, "training", progress) as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=g)
+            for i in range(0, len(y), batch):
+                idx = perm[i:i + batch]
+                shift = torch.randint(-1, 2, (2,), generator=g).tolist()
+                xb = torch.roll(x[idx], shifts=shift, dims=(2, 3))
+                opt.zero_grad()
+                F.cross_entropy(model(xb), y[idx]).backward()
+                opt.step()
+                sched.step()
+                bar.update()
+    model.eval()
 
 
-def format_matrix(m: torch.Tensor, rows, cols) -> str:
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return (model(x).argmax(1) == y).double().mean().item()
+
+
+def format_matrix(m, rows, cols) -> str:
     width = max(len(c) for c in cols) + 2
-    head = " " * 10 + "".join(f"{c:>{width}}" for c in cols)
-    lines = [head] + [f"{r:<10}" + "".join(f"{v:>{width}.3f}" for v in row.tolist()) for r, row in zip(rows, m)]
+    head = " " * 8 + "".join(f"{c:>{width}}" for c in cols)
+    lines = [head] + [f"{r:<8}" + "".join(f"{v:>{width}.3f}" for v in row) for r, row in zip(rows, m)]
     return "\n".join(lines)
 
 
-def run_demo(quick: bool = False, seed: int = 0) -> int:
-    from .stats import MinibatchCKA
+def run_demo(out: str | Path = "hierfast-demo", *, quick: bool = False, seed: int = 0, device: str | None = None,
+             progress: bool = True) -> int:
+    """Train, measure, report. Returns the exit code (0)."""
+    from .demo_analysis import measure
+    from .report import write_report
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = load_digits_tensors(seed)
-    model = make_cnn()
-    initial = make_cnn()
-    initial.load_state_dict(model.state_dict())
-    train(model, x_tr, y_tr, epochs=3 if quick else 12, seed=seed)
-    model.eval()
-    initial.eval()
-    with torch.inference_mode():
-        acc = (model(x_te).argmax(1) == y_te).float().mean().item()
-        within, versus = MinibatchCKA(), MinibatchCKA()
-        for i in range(0, len(y_te), 60):
-            if len(y_te) - i < 4:
-                break
-            ft = layer_features(model, x_te[i:i + 60])
-            fi = layer_features(initial, x_te[i:i + 60])
-            within.update(ft)
-            versus.update(ft, fi)
-    m = within.compute()
-    v = versus.compute().diagonal()
-    print(f"hierfast demo: CNN on scikit-learn digits ({len(y_tr)} train / {len(y_te)} held-out images)")
-    print(f"held-out accuracy: {acc:.3f}\n")
-    print("Debiased minibatch CKA between layers of the trained network (held-out data):")
-    print(format_matrix(m, LAYER_NAMES, LAYER_NAMES))
-    print("\nCKA of each trained layer with the same layer at initialisation (1 = unchanged):")
-    print("  " + "  ".join(f"{n}={c:.3f}" for n, c in zip(LAYER_NAMES, v.tolist())))
-    print(f"\ndone in {time.perf_counter() - t0:.1f} s")
+    dev = torch.device(device) if device else torch.device("cpu")
+    x_tr, y_tr, x_te, y_te = load_digits_split(seed)
+    model = make_demo_cnn()
+    initial = copy.deepcopy(model)
+    train(model, x_tr, y_tr, epochs=3 if quick else 8, seed=seed, progress=progress)
+    acc = accuracy(model, x_te, y_te)
+    t_train = time.perf_counter() - t0
+    model.to(dev)
+    initial.to(dev)
+    analysis = measure(model, initial, x_te, y_te, layers=LAYERS, quick=quick, seed=seed, progress=progress)
+    analysis["meta"] = {
+        "model": f"CNN of {len(CHANNELS)} Conv2dAct(ReLU)+BatchNorm blocks, channels {list(CHANNELS)}",
+        "data": f"scikit-learn digits upsampled to {IMAGE_SIZE}x{IMAGE_SIZE}: {len(y_tr)} train, "
+                f"{len(y_te)} held-out images",
+        "held-out accuracy": f"{acc:.4f}",
+        "seed": seed,
+        "mode": "quick" if quick else "full",
+        "device": str(dev),
+        "training time (s)": f"{t_train:.1f}",
+    }
+    analysis["accuracy"] = acc
+    written = write_report(analysis, out, title="hierfast demo: the hierarchy of a digit classifier",
+                           intro="A small CNN trained on real handwritten digits, measured layer by layer on "
+                                 "held-out images, against the same network at initialisation.")
+    analysis["meta"]["total time (s)"] = f"{time.perf_counter() - t0:.1f}"
+    _print_summary(analysis, written)
+    print(f"\nreport: {written['html']}\ndone in {time.perf_counter() - t0:.1f} s")
     sys.stdout.flush()
     return 0
+
+
+def _print_summary(a: dict, written: dict) -> None:
+    print(f"hierfast demo: {a['meta']['data']}")
+    print(f"held-out accuracy: {a['accuracy']:.3f}\n")
+    print("CKA between layers of the trained network (held-out data):")
+    print(format_matrix(a["cka"].tolist(), a["layers"], a["layers"]))
+    cols = ["layer"]
+    rows = [list(a["layers"])]
+    if "cka_vs_reference" in a:
+        cols.append("vs init")
+        rows.append([f"{v:.3f}" for v in torch.as_tensor(a["cka_vs_reference"]).diagonal().tolist()])
+    for key, label in (("accuracy", "probe acc"), ("selectivity", "selectivity")):
+        if key in a.get("probe", {}):
+            cols.append(label)
+            rows.append([f"{v:.3f}" for v in torch.as_tensor(a["probe"][key]).tolist()])
+    if "translate" in a.get("invariance", {}):
+        inv = a["invariance"]["translate"]
+        cols.append(f"NIS shift {inv['magnitudes'][1]:g}")
+        rows.append([f"{v:.3f}" for v in torch.as_tensor(inv["score"])[1].tolist()])
+    if "twonn" in a.get("dimension", {}):
+        cols.append("TwoNN dim")
+        rows.append([f"{v:.1f}" for v in torch.as_tensor(a["dimension"]["twonn"]).tolist()])
+    if "sparsity" in a:
+        cols.append("active")
+        rows.append([f"{v:.2f}" for v in torch.as_tensor(a["sparsity"]).tolist()])
+    print("\nper layer:")
+    widths = [max(len(c), *(len(str(v)) for v in r)) + 2 for c, r in zip(cols, rows)]
+    print("".join(f"{c:>{w}}" for c, w in zip(cols, widths)))
+    for i in range(len(a["layers"])):
+        print("".join(f"{r[i]:>{w}}" for r, w in zip(rows, widths)))
+    print("\nwhat the hierarchy shows:")
+    for p in written["patterns"]:
+        verdict = {True: "holds", False: "does NOT hold", None: "not measured"}[p["holds"]]
+        print(f"  [{verdict}] {p['statement']} ({p['evidence']})")

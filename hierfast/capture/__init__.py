@@ -9,6 +9,7 @@ from .engine import analyze
 from .layer_capture import LayerCapture
 from .results import Results
 from .statistics import BatchContext, Statistic, available_statistics, get_statistic, register_statistic
+from . import builtin_stats  # noqa: F401  (registers "sparsity", ...)
 
 __all__ = ["LayerCapture", "analyze", "Results", "BatchContext", "Statistic", "register_statistic",
            "get_statistic", "available_statistics"]

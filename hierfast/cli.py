@@ -59,9 +59,29 @@ def _cmd_analyze(args) -> int:
     return run_analyze(args)
 
 
+def _cmd_report(args) -> int:
+    from .capture import Results
+    from .report import write_report
+    from .report.schema import from_results
+
+    try:
+        res = Results.load(args.results)
+    except FileNotFoundError as e:
+        print(f"hierfast report: {e}", file=sys.stderr)
+        return 2
+    out = args.out or (Path(args.results) if Path(args.results).is_dir() else Path(args.results).parent) / "report"
+    try:
+        written = write_report(from_results(res), out, title=f"hierfast report: {args.results}")
+    except ValueError as e:
+        print(f"hierfast report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {written['html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hierfast", description="Measure the hierarchy of representations in deep networks.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,demo,analyze,bench}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{info,demo,analyze,report,bench}")
     pi = sub.add_parser("info", help="versions and available backends")
     pi.add_argument("--json", action="store_true", help="print the info dict as JSON")
     pi.set_defaults(func=_cmd_info)
@@ -83,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .capture.cli import add_analyze_parser
 
     add_analyze_parser(sub).set_defaults(func=_cmd_analyze)
+    pr = sub.add_parser("report", help="render saved analyze results (results.json + .npz) as report.html")
+    pr.add_argument("results", help="directory (or results.json) written by `hierfast analyze --out`")
+    pr.add_argument("--out", type=Path, default=None, help="output directory (default: RESULTS/report)")
+    pr.set_defaults(func=_cmd_report)
     return p
 
 
@@ -90,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except SystemExit:
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

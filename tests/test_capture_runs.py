@@ -209,3 +209,26 @@ def test_cli_analyze(tmp_path, monkeypatch, capsys):
     assert "results.json" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["analyze", "--model", "nocolon", "--data", "capture_cli_factories:data", "--out", str(out)])
+
+
+def test_cli_analyze_report_and_report_command(tmp_path, monkeypatch, capsys):
+    """--report renders the run; `hierfast report` renders saved results; bad paths are one-line errors."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "capture_cli_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from hierfast.cli import main
+
+    out = tmp_path / "out"
+    assert main(["analyze", "--model", "capture_cli_factories:model", "--data", "capture_cli_factories:data",
+                 "--stats", "cka", "sparsity", "--out", str(out), "--no-progress", "--report"]) == 0
+    html = (out / "report" / "report.html").read_text()
+    assert "Layer × layer similarity" in html and "Sparsity vs depth" in html
+    assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.html").stat().st_size > 1000
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="not writable"):
+        main(["analyze", "--model", "capture_cli_factories:model", "--data", "capture_cli_factories:data",
+              "--out", str(blocker / "sub")])

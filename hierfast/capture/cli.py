@@ -34,12 +34,14 @@ def add_analyze_parser(sub) -> argparse.ArgumentParser:
     pa.add_argument("--checkpoint", metavar="PATH", help="resumable checkpoint file")
     pa.add_argument("--out", required=True, type=Path, metavar="DIR")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pa.add_argument("--report", action="store_true", help="also write report.html (figures embedded) to --out")
     return pa
 
 
 def run_analyze(args) -> int:
     from .engine import analyze
 
+    _check_out_dir(args.out)
     model = _factory(args.model, "--model")
     data = _factory(args.data, "--data")
     other = _factory(args.compare, "--compare") if args.compare else None
@@ -59,4 +61,22 @@ def run_analyze(args) -> int:
             print(f"wrote {png}")
         except ImportError:
             print("matplotlib not installed: no cka.png (pip install matplotlib)")
+    if args.report:
+        from ..report import write_report
+        from ..report.schema import from_results
+
+        written = write_report(from_results(res), Path(args.out) / "report", title=f"hierfast analyze: {args.model}")
+        print(f"wrote {written['html']}")
     return 0
+
+
+def _check_out_dir(out: Path) -> None:
+    """Fail before any work when --out cannot be written (nothing is lost later)."""
+    import os
+
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise SystemExit(f"hierfast: --out {str(out)!r} is not writable (nearest existing: {str(probe)!r}); "
+                         "choose a writable directory")

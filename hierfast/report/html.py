@@ -23,9 +23,9 @@ _TEXT = {
     "cka": "Linear CKA (Kornblith et al. 2019) between every pair of layers: 1 means two layers hold the same "
            "representation up to rotation and scale, 0 unrelated. A hierarchy shows as a bright band along the "
            "diagonal: each layer resembles its neighbours, and the resemblance fades with distance.",
-    "cka_vs_reference": "CKA between each layer of the trained network and each layer of {ref}. The diagonal "
-                        "says how much training changed each layer: values near 1 mean the layer is still what it "
-                        "was; low values mean training rewrote it.",
+    "cka_vs_reference": "CKA between each layer of the analysed network and each layer of {ref}. When both have "
+                        "the same layers, the diagonal says how much each layer differs: values near 1 mean the "
+                        "layer holds the same representation; low values mean it was rewritten.",
     "invariance": "Normalised invariance score per layer: 1 − E‖f(Tx) − f(T′x)‖² / E‖f(x) − f(x′)‖², where T, T′ "
                   "are two random draws of the transform and x′ another input. 1 = the layer ignores the "
                   "transform; 0 = the transform moves the layer as far as swapping in a different input.",
@@ -68,9 +68,10 @@ def _figures(a: dict) -> list[tuple[str, str, str, bytes]]:
         out.append(("cka", "Layer × layer similarity", _TEXT["cka"],
                     _png(figures.cka_heatmap(a["cka"], layers, title="CKA between layers"))))
     if "cka_vs_reference" in a:
-        out.append(("cka_vs_reference", f"Trained network vs {ref}", _TEXT["cka_vs_reference"].format(ref=ref),
-                    _png(figures.cka_heatmap(a["cka_vs_reference"], layers, title=f"CKA: trained vs {ref}",
-                                             ylabel="trained", xlabel=ref))))
+        out.append(("cka_vs_reference", f"Analysed network vs {ref}", _TEXT["cka_vs_reference"].format(ref=ref),
+                    _png(figures.cka_heatmap(a["cka_vs_reference"], layers, a.get("layers_b") or layers,
+                                             title=f"CKA: analysed model vs {ref}", ylabel="analysed model",
+                                             xlabel=ref))))
     if a.get("invariance"):
         out.append(("invariance", "Invariance vs depth", _TEXT["invariance"],
                     _png(figures.invariance_curves(layers, a["invariance"]))))

@@ -81,7 +81,11 @@ def training_changes_top(analysis: dict) -> dict:
     statement = f"The trained network differs from {ref} mostly in its upper layers."
     if "cka_vs_reference" not in analysis:
         return {"name": name, "holds": None, "statement": statement, "evidence": "not measured"}
-    d = np.diag(as_array(analysis["cka_vs_reference"]))
+    m = as_array(analysis["cka_vs_reference"])
+    if m.shape[0] != m.shape[1] or list(analysis.get("layers_b") or analysis["layers"]) != list(analysis["layers"]):
+        return {"name": name, "holds": None, "statement": statement,
+                "evidence": "the reference network has different layers: no layer-to-same-layer comparison"}
+    d = np.diag(m)
     bottom, top = _thirds(d)
     return {"name": name, "holds": bool(top < bottom), "statement": statement,
             "evidence": f"CKA(layer, same layer of {ref}): bottom third {bottom:.3f}, top third {top:.3f} "

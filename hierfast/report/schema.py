@@ -4,8 +4,10 @@
 
     layers               [L] layer names, input to output
     cka                  (L, L) CKA between the layers of the analysed network
-    cka_vs_reference     (L, L) CKA of each layer against the same layer of a reference
-                         network (e.g. the untrained initialisation); the diagonal is read
+    cka_vs_reference     (L, Lb) CKA of each layer against each layer of a reference network
+                         (e.g. the untrained initialisation; Lb = L unless layers_b is given);
+                         when square, the diagonal says how much each layer changed
+    layers_b             [Lb] layer names of the reference network (default: layers)
     reference_name       what the reference network is ("initialisation")
     invariance           {transform: {"magnitudes": [M], "score": (M, L)}}  NIS in [.., 1]
     probe                {"accuracy": [L], "control": [L], "selectivity": [L], "chance": float}
@@ -35,9 +37,10 @@ def validate(analysis: dict) -> list[str]:
     if not layers:
         raise ValueError("analysis['layers'] must be a non-empty list of layer names")
     L = len(layers)
-    for key in ("cka", "cka_vs_reference"):
-        if key in analysis and as_array(analysis[key]).shape != (L, L):
-            raise ValueError(f"analysis[{key!r}] must be ({L}, {L}) for {L} layers, got "
+    Lb = len(analysis.get("layers_b") or layers)
+    for key, shape in (("cka", (L, L)), ("cka_vs_reference", (L, Lb))):
+        if key in analysis and as_array(analysis[key]).shape != shape:
+            raise ValueError(f"analysis[{key!r}] must be {shape} for {L} layers, got "
                              f"{as_array(analysis[key]).shape}")
     for key, sub in (("probe", ("accuracy", "control", "selectivity")),
                      ("dimension", ("twonn", "twonn_sd", "participation_ratio"))):
@@ -50,3 +53,34 @@ def validate(analysis: dict) -> list[str]:
             raise ValueError(f"analysis['invariance'][{t!r}]['score'] must be ({m} magnitudes, {L} layers), "
                              f"got {as_array(curve['score']).shape}")
     return list(layers)
+
+
+def from_results(results) -> dict:
+    """Analysis dict from a :class:`hierfast.capture.Results` (or its ``to_dict()``).
+
+    Same-model CKA becomes ``cka``; with ``compare_to`` the ``(La, Lb)`` matrix becomes
+    ``cka_vs_reference``. Statistics already in the schema's layout (invariance, probe,
+    dimension, sparsity) are copied.
+    """
+    d = results.to_dict() if hasattr(results, "to_dict") else dict(results)
+    out = {"layers": list(d["layers"])}
+    if d.get("layers_b") is not None:
+        out["layers_b"] = list(d["layers_b"])
+        if "cka" in d:
+            out["cka_vs_reference"] = d["cka"]
+            out["reference_name"] = "the compared model"
+    elif "cka" in d:
+        out["cka"] = d["cka"]
+    for key in ("invariance", "probe", "dimension"):
+        v = d.get(key)
+        if isinstance(v, dict) and isinstance(v.get("a"), dict):  # compare_to: the analysed model's part
+            v = v["a"]
+        if v is not None:
+            out[key] = v
+    sp = d.get("sparsity")
+    if isinstance(sp, dict):
+        sp = sp.get("a")
+    if sp is not None:
+        out["sparsity"] = sp
+    out["meta"] = {"n_samples": d.get("n_samples"), "n_batches": d.get("n_batches"), "statistics": d.get("stats")}
+    return out

@@ -1,0 +1,108 @@
+"""Base of the transforms: a magnitude, a seed, and a per-device torch.Generator.
+
+A transform ``T`` maps a batch to a transformed batch of the same shape, drawing its
+random parameters (one draw per sample) from its own generator. Two calls give two
+independent draws ``T``, ``T'`` (what the two-view invariance score needs); the whole
+sequence of draws is fixed by ``seed`` (METRICS.md §3.8: record the transform seed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_magnitude(value, name: str, *, low: float = 0.0, high: float = math.inf,
+                    high_inclusive: bool = True) -> float:
+    """A finite float in ``[low, high]`` (or ``[low, high)``), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and v >= low and (v <= high if high_inclusive else v < high)
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name}={value!r} is out of range; it must lie in [{low}, {high}{bracket}")
+    return v
+
+
+class Transform:
+    """A seeded, batched transform ``x -> T(x)`` with a magnitude.
+
+    Subclasses implement ``_apply(x, generator)``; ``__call__`` validates and picks
+    the generator. Pass ``generator=`` to draw from your own stream instead.
+    """
+
+    magnitude: float = 0.0
+
+    def __init__(self, *, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def reset(self) -> "Transform":
+        """Restart the random stream: the next calls repeat the first draws."""
+        self._generators.clear()
+        return self
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(torch.device(device))
+        g = self._generators.get(key)
+        if g is None:
+            g = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[key] = g
+        return g
+
+    def __call__(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        self._check_input(x)
+        g = generator if generator is not None else self.generator(x.device)
+        return self._apply(x, g)
+
+    def _check_input(self, x: torch.Tensor) -> None:  # pragma: no cover - overridden
+        pass
+
+    def _apply(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(magnitude={self.magnitude!r}, seed={self.seed})"
+
+
+def uniform(n: int, low: float, high: float, g: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+    """``n`` draws from U[low, high) on ``device`` from ``g``."""
+    return torch.rand(n, generator=g, device=device, dtype=dtype) * (high - low) + low
+
+
+class Lambda(Transform):
+    """Any user callable ``fn(x) -> Tx`` (or ``fn(x, generator) -> Tx`` when
+    ``takes_generator=True``, so that its randomness follows the seed too)."""
+
+    def __init__(self, fn, *, magnitude: float = float("nan"), takes_generator: bool = False,
+                 seed: int = 0) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable x -> Tx, got {type(fn).__name__}")
+        super().__init__(seed=seed)
+        self.fn, self.magnitude, self.takes_generator = fn, magnitude, takes_generator
+
+    def _apply(self, x, g):
+        out = self.fn(x, g) if self.takes_generator else self.fn(x)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the transform callable returned {type(out).__name__}, expected a torch.Tensor")
+        if out.shape[0] != x.shape[0]:
+            raise ValueError(f"the transform callable changed the batch size from {x.shape[0]} to "
+                             f"{out.shape[0]}; it must map each sample to one transformed sample")
+        return out
+
+    def __repr__(self) -> str:
+        return f"Lambda({getattr(self.fn, '__name__', self.fn)!r}, seed={self.seed})"
+
+
+def as_transform(t, *, seed: int = 0) -> Transform:
+    """A :class:`Transform` as is; a plain callable wrapped in :class:`Lambda`."""
+    if isinstance(t, Transform):
+        return t
+    if callable(t):
+        return Lambda(t, seed=seed)
+    raise TypeError(f"expected a hierfast Transform or a callable x -> Tx, got {type(t).__name__}")

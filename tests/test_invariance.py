@@ -1,0 +1,175 @@
+"""Normalised invariance score and CKA invariance: reference formula, known answers,
+streaming == one-shot, bad input."""
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hierfast.transforms as T
+from hierfast.stats import (ConstantLayerWarning, InvarianceAccumulator, invariance_curve, linear_cka,
+                            normalized_invariance)
+
+
+def _nis_reference(ft, ft2, fr):
+    """Plain float64: 1 - mean ||ft - ft2||^2 / mean over ordered pairs i != j of ||fr_i - fr_j||^2."""
+    ft, ft2, fr = (a.double().reshape(a.shape[0], -1) for a in (ft, ft2, fr))
+    n = fr.shape[0]
+    num = ((ft - ft2) ** 2).sum(1).mean()
+    den = torch.cdist(fr, fr).pow(2).sum() / (n * (n - 1))  # E||f(x) - f(x')||^2 over distinct pairs
+    return 1 - num / den
+
+
+def _views(n=60, shape=(3, 4, 2), seed=0, dtype=torch.float64, noise=0.5):
+    g = torch.Generator().manual_seed(seed)
+    fr = torch.randn(n, *shape, generator=g, dtype=torch.float64) * 3 + 5
+    ft = fr + noise * torch.randn(fr.shape, generator=g, dtype=torch.float64)
+    ft2 = fr + noise * torch.randn(fr.shape, generator=g, dtype=torch.float64)
+    return ft.to(dtype), ft2.to(dtype), fr.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(7,), (3, 4, 2), (1,)])
+def test_matches_reference(dtype, shape):
+    ft, ft2, fr = _views(shape=shape, dtype=dtype)
+    got = normalized_invariance(ft, ft2, fr)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.item() == pytest.approx(_nis_reference(ft, ft2, fr).item(), abs=tol)
+    one = normalized_invariance(ft, None, fr)
+    assert one.item() == pytest.approx(_nis_reference(ft, fr, fr).item(), abs=tol)
+    # non-contiguous input (a transposed view) gives the same answer
+    assert normalized_invariance(ft.transpose(0, -1).contiguous().transpose(0, -1), ft2, fr).item() == \
+        pytest.approx(got.item(), abs=tol)
+
+
+def test_scale_of_known_cases():
+    ft, ft2, fr = _views(n=400)
+    assert normalized_invariance(fr, fr.clone(), fr).item() == 1.0
+    g = torch.Generator().manual_seed(3)
+    other = fr[torch.randperm(400, generator=g)]  # swap in a random other input: NIS ~ 0
+    assert abs(normalized_invariance(other, fr, fr).item()) < 0.15
+    assert normalized_invariance(ft, ft2, fr).item() < 1.0
+
+
+def test_per_unit_and_layers():
+    ft, ft2, fr = _views(n=50, shape=(6,))
+    fr2, ft_2, ft2_2 = fr[:, :2] * 10, ft[:, :2] * 10, fr[:, :2] * 10
+    layers, units = normalized_invariance({"a": ft, "b": ft_2}, {"a": ft2, "b": ft2_2}, {"a": fr, "b": fr2},
+                                          per_unit=True)
+    assert layers.shape == (2,) and [u.shape for u in units] == [(6,), (2,)]
+    for j in range(6):
+        assert units[0][j].item() == pytest.approx(_nis_reference(ft[:, j:j + 1], ft2[:, j:j + 1],
+                                                                   fr[:, j:j + 1]).item(), abs=1e-12)
+    assert layers[0].item() == pytest.approx(_nis_reference(ft, ft2, fr).item(), abs=1e-12)
+
+
+def _conv_features(x, weights, flatten=False):
+    """Two circular-padding conv+ReLU layers; GAP features (or flattened maps)."""
+    feats = []
+    h = x
+    for w in weights:
+        h = F.conv2d(F.pad(h, (1, 1, 1, 1), mode="circular"), w).relu()
+        feats.append(h.flatten(1) if flatten else h.mean(dim=(2, 3)))
+    return feats
+
+
+def test_gap_conv_features_invariant_to_circular_shifts():
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(8, 3, 3, 3, generator=g, dtype=torch.float64),
+               torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64)]
+    x = torch.randn(64, 3, 12, 12, generator=g, dtype=torch.float64)
+    t = T.Translate(4, mode="circular", seed=1)
+    acc = InvarianceAccumulator(per_unit=True)
+    for i in range(0, 64, 16):
+        xb = x[i:i + 16]
+        acc.update(_conv_features(t(xb), weights), _conv_features(t(xb), weights), _conv_features(xb, weights))
+    res = acc.compute()
+    torch.testing.assert_close(res["nis"], torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(res["nis_one_sided"], torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(res["cka"], torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    for u in res["per_unit"]:
+        torch.testing.assert_close(u, torch.ones_like(u), rtol=0, atol=1e-6)
+    # flattened maps under one common shift (an orthogonal permutation): CKA 1, NIS < 1 (METRICS B6)
+    shift = T.Lambda(lambda v: torch.roll(v, (2, 3), dims=(2, 3)))
+    flat = InvarianceAccumulator()
+    for i in range(0, 64, 16):
+        xb = x[i:i + 16]
+        flat.update(_conv_features(shift(xb), weights, True), None, _conv_features(xb, weights, True))
+    res = flat.compute()
+    torch.testing.assert_close(res["cka"], torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert (res["nis"] < 0.9).all()
+
+
+def test_cka_invariance_matches_debiased_cka_single_batch():
+    ft, _, fr = _views(n=40, shape=(5,))
+    acc = InvarianceAccumulator()
+    acc.update([ft], None, [fr])
+    assert acc.compute()["cka"][0].item() == pytest.approx(linear_cka(fr, ft, debiased=True).item(), abs=1e-10)
+
+
+def test_streaming_equals_one_shot_merge_state_pickle():
+    ft, ft2, fr = _views(n=90, shape=(4, 3))
+    one = InvarianceAccumulator(per_unit=True, cka=False)
+    one.update([ft, ft[:, 0]], [ft2, ft2[:, 0]], [fr, fr[:, 0]])
+    parts = [InvarianceAccumulator(per_unit=True, cka=False) for _ in range(3)]
+    for k, p in enumerate(parts):
+        sl = slice(30 * k, 30 * (k + 1))
+        p.update([ft[sl], ft[sl, 0]], [ft2[sl], ft2[sl, 0]], [fr[sl], fr[sl, 0]])
+    merged = parts[0].clone().merge(parts[1]).merge(parts[2])
+    a, b = one.compute(), merged.compute()
+    torch.testing.assert_close(a["nis"], b["nis"], rtol=0, atol=1e-12)
+    for u, v in zip(a["per_unit"], b["per_unit"]):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-12)
+    loaded = InvarianceAccumulator().load_state_dict(pickle.loads(pickle.dumps(merged.state_dict())))
+    torch.testing.assert_close(loaded.compute()["nis"], a["nis"])
+    # with CKA: streaming batches equal a merge of shards, state round-trips
+    s1, s2, whole = InvarianceAccumulator(), InvarianceAccumulator(), InvarianceAccumulator()
+    for k in range(3):
+        sl = slice(30 * k, 30 * (k + 1))
+        (s1 if k < 2 else s2).update([ft[sl]], [ft2[sl]], [fr[sl]])
+        whole.update([ft[sl]], [ft2[sl]], [fr[sl]])
+    m = InvarianceAccumulator().merge(s1).merge(s2)
+    torch.testing.assert_close(m.compute()["cka"], whole.compute()["cka"], rtol=0, atol=1e-12)
+    r = InvarianceAccumulator().load_state_dict(whole.state_dict())
+    torch.testing.assert_close(r.compute()["cka"], whole.compute()["cka"])
+
+
+def test_curve_over_magnitudes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 6, 6, generator=g, dtype=torch.float64)
+    feats = lambda v: {"pix": v.flatten(1), "mean": v.mean(dim=(1, 2, 3))[:, None] + v[:, 0, 0, :1]}  # noqa: E731
+    out = invariance_curve(feats, [x[i:i + 32] for i in range(0, 96, 32)],
+                           {"noise": T.sweep(T.GaussianNoise, [0.0, 0.3, 1.0, 3.0], seed=2)})
+    c = out["noise"]
+    assert c["nis"].shape == (4, 2) and c["layers"] == ["pix", "mean"] and c["cka"].shape == (4, 2)
+    torch.testing.assert_close(c["nis"][0], torch.ones(2, dtype=torch.float64))
+    assert (c["nis"][1:, 0] < c["nis"][:-1, 0]).all()  # more noise, less invariant
+    # pixel features under noise sigma: NIS = 1 - 2 sigma^2 / (2 Var) with Var = 1
+    assert c["nis"][1, 0].item() == pytest.approx(1 - 0.09, abs=0.03)
+
+
+def test_bad_input():
+    ft, ft2, fr = _views(n=20, shape=(3,))
+    with pytest.raises(ValueError, match="NaN"):
+        normalized_invariance(ft, ft2, torch.where(fr > 6, float("nan"), fr))
+    with pytest.raises(ValueError, match="paired"):
+        normalized_invariance(ft[:, :2], ft2, fr)
+    with pytest.raises(ValueError, match="row by row"):
+        normalized_invariance(ft[:10], ft2, fr)
+    with pytest.raises(ValueError, match="same layers"):
+        normalized_invariance([ft, ft], [ft2], [fr])
+    with pytest.raises(ValueError, match="n >= 2"):
+        normalized_invariance(ft[:1], ft2[:1], fr[:1])
+    with pytest.warns(ConstantLayerWarning, match="constant"):
+        out = normalized_invariance([ft, torch.ones(20, 2)], [ft2, torch.ones(20, 2)], [fr, torch.ones(20, 2)])
+    assert torch.isnan(out[1]) and torch.isfinite(out[0])
+    acc = InvarianceAccumulator()
+    with pytest.raises(ValueError, match="update"):
+        acc.compute()
+    with pytest.raises(ValueError, match=">= 4"):
+        acc.update([ft[:3]], None, [fr[:3]])
+    acc.update([ft], [ft2], [fr])
+    with pytest.raises(ValueError, match="layout"):
+        acc.update([ft], None, [fr])

@@ -1,6 +1,8 @@
 """Statistics that ``analyze`` provides besides ``"cka"`` (see :mod:`.statistics` for the protocol).
 
 * ``"sparsity"``: fraction of active (> 0) feature values per layer.
+* ``"invariance"``: normalised invariance score (and CKA invariance) per layer and transform
+  magnitude, from extra forwards of transformed inputs (:class:`InvarianceStatistic`).
 """
 from __future__ import annotations
 
@@ -54,3 +56,101 @@ class SparsityStatistic:
 
 
 register_statistic("sparsity", SparsityStatistic)
+
+
+def default_image_transforms(seed: int = 0) -> dict:
+    """Translation (zero-padded, pixels), rotation (degrees), Gaussian noise (std, in input
+    units) and Gaussian blur (sigma, pixels) at three magnitudes each, 0 first (the baseline)."""
+    from .. import transforms as T
+
+    return {
+        "translate": T.sweep(T.Translate, [0, 1, 2], mode="zeros", seed=seed),
+        "rotate": T.sweep(T.Rotate, [0, 10, 25], seed=seed + 1),
+        "noise": T.sweep(T.GaussianNoise, [0, 0.25, 0.5], seed=seed + 2),
+        "blur": T.sweep(T.GaussianBlur, [0, 0.5, 1.0], seed=seed + 3),
+    }
+
+
+class InvarianceStatistic:
+    """Invariance of every layer to input transforms (METRICS.md §3; hierfast.stats.InvarianceAccumulator).
+
+    Per batch and per transform, two independent draws T(x), T'(x) are run through the
+    model(s) (``batch.forward``) and NIS_2 = 1 - E||f(Tx) - f(T'x)||^2 / (2 tr Cov f) is
+    accumulated against the untransformed features; ``cka=True`` adds debiased CKA(f(X), f(TX)).
+    The draws of batch k come from a generator seeded by (seed, k, transform, view), so a
+    resumed run draws exactly what the uninterrupted run drew.
+
+    Options: ``transforms`` — ``{family: [Transform, ...]}`` (a sweep over magnitudes;
+    default :func:`default_image_transforms`), ``cka`` (default False), ``seed``.
+
+    ``compute()`` -> ``{family: {"magnitudes": [M], "score": (M, L), "cka": (M, L) | None}}``
+    (``{"a": ..., "b": ...}`` with ``compare_to``). Costs 2 forwards per transform per batch.
+    """
+
+    def __init__(self, layers_a, layers_b=None, *, transforms: dict | None = None, cka: bool = False,
+                 seed: int = 0) -> None:
+        from ..stats import InvarianceAccumulator
+        from ..transforms import as_transform
+
+        fams = default_image_transforms(seed) if transforms is None else transforms
+        if not isinstance(fams, dict) or not fams or any(not isinstance(v, (list, tuple)) or not v
+                                                         for v in fams.values()):
+            raise ValueError("invariance: transforms must be a non-empty dict {family: [transform, ...]}, "
+                             "e.g. {'rotate': hierfast.transforms.sweep(Rotate, [0, 10, 20])}")
+        self.families = {k: [as_transform(t) for t in v] for k, v in fams.items()}
+        self.layers_a, self.layers_b = list(layers_a), (list(layers_b) if layers_b is not None else None)
+        self.seed, self.cka = int(seed), bool(cka)
+        sides = ("a", "b") if self.layers_b is not None else ("a",)
+        self.accs = {(side, k, i): InvarianceAccumulator(cka=self.cka)
+                     for side in sides for k, ts in self.families.items() for i in range(len(ts))}
+
+    def _generator(self, index: int, family: int, step: int, view: int, device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(((self.seed * 1_000_003 + index) * 1009 + family * 101 + step) * 4 + view)
+        return g
+
+    def update_batch(self, feats_a, feats_b, batch) -> None:
+        x = batch.inputs
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("invariance: the batches' inputs must be tensors (images) to transform, got "
+                            f"{type(x).__name__}; pass transforms that take your input type via Lambda, or "
+                            "drop 'invariance' from stats")
+        for fi, (k, ts) in enumerate(self.families.items()):
+            for i, t in enumerate(ts):
+                views = [batch.forward(t(x, generator=self._generator(batch.index, fi, i, v, x.device)))
+                         for v in (0, 1)]
+                self.accs[("a", k, i)].update([views[0][0][n] for n in self.layers_a],
+                                              [views[1][0][n] for n in self.layers_a],
+                                              [feats_a[n] for n in self.layers_a])
+                if self.layers_b is not None:
+                    self.accs[("b", k, i)].update([views[0][1][n] for n in self.layers_b],
+                                                  [views[1][1][n] for n in self.layers_b],
+                                                  [feats_b[n] for n in self.layers_b])
+
+    def compute(self):
+        out = {}
+        for side in ("a", "b") if self.layers_b is not None else ("a",):
+            fam = {}
+            for k, ts in self.families.items():
+                res = [self.accs[(side, k, i)].compute() for i in range(len(ts))]
+                fam[k] = {"magnitudes": [float(t.magnitude) for t in ts],
+                          "score": torch.stack([r["nis"] for r in res]),
+                          "cka": torch.stack([r["cka"] for r in res]) if self.cka else None}
+            out[side] = fam
+        return out["a"] if self.layers_b is None else out
+
+    def state_dict(self) -> dict:
+        return {"|".join(map(str, key)): acc.state_dict() for key, acc in self.accs.items()}
+
+    def load_state_dict(self, state: dict) -> "InvarianceStatistic":
+        for key, acc in self.accs.items():
+            acc.load_state_dict(state["|".join(map(str, key))])
+        return self
+
+    def sync(self, group=None) -> "InvarianceStatistic":
+        for acc in self.accs.values():
+            acc.sync(group)
+        return self
+
+
+register_statistic("invariance", InvarianceStatistic)

@@ -19,7 +19,8 @@ def measure(trained: nn.Module, initial: nn.Module, x: torch.Tensor, y: torch.Te
             quick: bool = False, seed: int = 0, progress: bool = True, batch: int = 60) -> dict:
     """Analysis dict (:mod:`hierfast.report.schema`) of ``trained`` with ``initial`` as reference."""
     data = _batches(x, y, batch)
-    res = analyze(trained, data, layers=layers, stats=("cka", "sparsity"), progress=progress)
+    res = analyze(trained, data, layers=layers, stats={"cka": {}, "sparsity": {}, "invariance": {"seed": seed}},
+                  progress=progress)
     versus = analyze(trained, data, layers=layers, compare_to=initial, stats=("cka",), progress=progress)
     return {
         "layers": list(res.layers),
@@ -27,4 +28,5 @@ def measure(trained: nn.Module, initial: nn.Module, x: torch.Tensor, y: torch.Te
         "cka_vs_reference": versus.cka,
         "reference_name": "initialisation",
         "sparsity": res.sparsity,
+        "invariance": res.invariance,
     }

@@ -130,14 +130,18 @@ def test_padding_modes_and_unbatched(padding, k, d):
     torch.testing.assert_close(y, F.silu(F.conv2d(x, w, b, padding=padding, dilation=d)))
 
 
-def test_nan_propagates_like_torch():
-    # C++ epilogue path (the oneDNN inference path for stem/depthwise convs follows
-    # oneDNN, whose ReLU maps NaN to 0; documented in hierfast/ops/conv_act.py)
-    x, w, b, kw = _data(SHAPES[2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nan_propagates_like_torch(dtype):
+    """NaN in -> NaN out, as torch. Exception (documented): float32/bfloat16 ReLU-family
+    layers on CPU run oneDNN's fused conv, whose ReLU/ReLU6 may map NaN to 0."""
+    x, w, b, kw = _data(SHAPES[2], dtype=dtype)
     x[0, 0, 4, 4] = float("nan")
     for name, akw in ACTS:
         y = conv2d_act(x, w, b, activation=name, **kw, **akw)
         ref = _ref(x, w, b, kw, name, akw)
+        if dtype == torch.float32 and name in ("relu", "relu6", "leaky_relu"):
+            assert not (torch.isnan(y) & ~torch.isnan(ref)).any(), name  # never a NaN torch would not give
+            continue
         assert torch.equal(torch.isnan(y), torch.isnan(ref)), name
 
 
@@ -175,7 +179,8 @@ def test_cpu_epilogue_kernel_writes_every_element(dtype, nhwc):
                                         28, nhwc, act.code, act.alpha, gb.data_ptr())
         gref = g.double() * A.derivative(saved.double(), act)
         torch.testing.assert_close(gz.double(), gref, atol=tol * 4, rtol=tol * 4, msg=lambda m: f"{name}: {m}")
-        torch.testing.assert_close(gb, gz.double().sum((0, 2, 3)), atol=1e-9, rtol=1e-9)
+        # the bias gradient sums the unrounded grad_z
+        torch.testing.assert_close(gb, gref.sum((0, 2, 3)), atol=tol * 40, rtol=tol * 4)
 
 
 @pytest.mark.parametrize("bad,exc,match", [

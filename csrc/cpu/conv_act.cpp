@@ -111,6 +111,50 @@ HIERFAST_SIMD_CLONES void bwd_run(const typename IO<D>::S* __restrict__ g,
     gz[i] = IO<D>::st(IO<D>::ld(g[i]) * act::derivative<C>(A, IO<D>::ld(s[i]), alpha));
 }
 
+// Backward with the bias gradient in the same pass. NHWC rows: acc[c] += grad_z (an
+// elementwise update across c, so it vectorises). NCHW plane: 16 lane partial sums
+// (a plain scalar reduction would not vectorise without reassociation).
+template <DType D, int A>
+HIERFAST_SIMD_CLONES void bwd_rows_bias(const typename IO<D>::S* __restrict__ g,
+                                        const typename IO<D>::S* __restrict__ s,
+                                        typename IO<D>::S* __restrict__ gz, int64_t rows, int64_t C,
+                                        typename IO<D>::C alpha, typename IO<D>::C* __restrict__ acc) {
+  using Cc = typename IO<D>::C;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * C;
+    for (int64_t i = 0; i < C; ++i) {
+      Cc v = IO<D>::ld(g[o + i]) * act::derivative<Cc>(A, IO<D>::ld(s[o + i]), alpha);
+      gz[o + i] = IO<D>::st(v);
+      acc[i] += v;
+    }
+  }
+}
+
+template <DType D, int A>
+HIERFAST_SIMD_CLONES double bwd_plane_bias(const typename IO<D>::S* __restrict__ g,
+                                           const typename IO<D>::S* __restrict__ s,
+                                           typename IO<D>::S* __restrict__ gz, int64_t len,
+                                           typename IO<D>::C alpha) {
+  using Cc = typename IO<D>::C;
+  constexpr int L = 16;
+  Cc lanes[L] = {};
+  int64_t i = 0;
+  for (; i + L <= len; i += L)
+    for (int j = 0; j < L; ++j) {
+      Cc v = IO<D>::ld(g[i + j]) * act::derivative<Cc>(A, IO<D>::ld(s[i + j]), alpha);
+      gz[i + j] = IO<D>::st(v);
+      lanes[j] += v;
+    }
+  double tot = 0.0;
+  for (; i < len; ++i) {
+    Cc v = IO<D>::ld(g[i]) * act::derivative<Cc>(A, IO<D>::ld(s[i]), alpha);
+    gz[i] = IO<D>::st(v);
+    tot += (double)v;
+  }
+  for (int j = 0; j < L; ++j) tot += (double)lanes[j];
+  return tot;
+}
+
 // Per-channel sums of a run: NCHW (one channel) -> acc[0..2] += sum, sumsq, active;
 // NHWC (C channels) -> acc[3c..3c+2].
 template <DType D>
@@ -129,17 +173,6 @@ void stats_run(const typename IO<D>::S* y, int64_t len, bool per_element, double
       s += v; q += v * v; a += v > 0.0 ? 1.0 : 0.0;
     }
     acc[0] += s; acc[1] += q; acc[2] += a;
-  }
-}
-
-template <DType D>
-void sum_run(const typename IO<D>::S* g, int64_t len, bool per_element, double* acc) {
-  if (per_element) {
-    for (int64_t i = 0; i < len; ++i) acc[i] += IO<D>::ld(g[i]);
-  } else {
-    double s = 0;
-    for (int64_t i = 0; i < len; ++i) s += IO<D>::ld(g[i]);
-    acc[0] += s;
   }
 }
 
@@ -201,8 +234,8 @@ void backward_impl(const void* gv, const void* sv, void* gzv, int64_t N, int64_t
     for (int64_t c = 0; c < C; ++c)
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * C + c) * HW;
-        bwd_run<D, A>(g + off, s + off, gz + off, HW, alpha);
-        if (gbias) sum_run<D>(gz + off, HW, false, gbias + c);
+        if (gbias) gbias[c] += bwd_plane_bias<D, A>(g + off, s + off, gz + off, HW, alpha);
+        else bwd_run<D, A>(g + off, s + off, gz + off, HW, alpha);
       }
     return;
   }
@@ -210,12 +243,18 @@ void backward_impl(const void* gv, const void* sv, void* gzv, int64_t N, int64_t
 #pragma omp parallel
   {
     std::vector<double> acc(gbias ? C : 0, 0.0);
+    // per-task partial sums in the compute type (<= `step` rows), then float64
+    std::vector<typename IO<D>::C> part(gbias ? C : 0);
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
       const int64_t r1 = std::min(rows, r0 + step);
-      bwd_run<D, A>(g + r0 * C, s + r0 * C, gz + r0 * C, (r1 - r0) * C, alpha);
-      if (gbias)
-        for (int64_t r = r0; r < r1; ++r) sum_run<D>(gz + r * C, C, true, acc.data());
+      if (gbias) {
+        std::fill(part.begin(), part.end(), (typename IO<D>::C)0);
+        bwd_rows_bias<D, A>(g + r0 * C, s + r0 * C, gz + r0 * C, r1 - r0, C, alpha, part.data());
+        for (int64_t i = 0; i < C; ++i) acc[i] += (double)part[i];
+      } else {
+        bwd_run<D, A>(g + r0 * C, s + r0 * C, gz + r0 * C, (r1 - r0) * C, alpha);
+      }
     }
     if (gbias) {
 #pragma omp critical

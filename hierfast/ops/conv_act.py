@@ -3,11 +3,12 @@
 Definition (``reference``): ``y = act(conv2d(x, w) + b)`` with symmetric explicit
 padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
 
-* ``cpu``: torch's convolution without bias, then ONE C++/OpenMP pass adding the
-  bias and applying the activation in place (``hierfast._C.conv_act_forward``); for
-  inference in float32/bfloat16, oneDNN's fused post-op convolution
-  (``torch.ops.mkldnn._convolution_pointwise``) where :func:`_onednn_pays` says it
-  is faster (measured, benchmarks/bench_conv.py).
+* ``cpu``: float32/bfloat16: oneDNN's fused post-op convolution
+  (``torch.ops.mkldnn._convolution_pointwise``, see :func:`_onednn_ok`); oneDNN has no
+  backward, so training supplies its own (below). Elsewhere: torch's convolution
+  without bias, then ONE C++/OpenMP pass adding the bias and applying the activation
+  in place (``hierfast._C.conv_act_forward``). Caveat: oneDNN's ReLU family maps a
+  NaN input to 0 where torch (and our epilogue) propagate it.
 * ``cuda``: torch's (cuDNN) convolution, then the CUDA epilogue kernel in place.
 * ``triton``: an implicit-GEMM NHWC convolution (depthwise: a direct kernel) with bias
   and activation in the epilogue (hierfast/kernels/conv_act.py).
@@ -77,18 +78,20 @@ def _stats_reference(y, stats):
     stats[:, 2] += (yd > 0).sum(1).to(torch.float64)
 
 
-def _onednn_pays(x, w, p, act) -> bool:
-    """oneDNN's post-op conv beats conv + our epilogue (measured on a 2-core x86 CPU,
-    fp32 channels_last, benchmarks/bench_conv.py): for depthwise and few-input-channel
-    (stem) convolutions, where torch's own conv path is slow. Elsewhere torch's conv
-    + the epilogue is as fast or faster."""
-    if x.dtype not in (torch.float32, torch.bfloat16) or A.onednn_attr(act) is None:
-        return False
-    if not torch.backends.mkldnn.is_available():
-        return False
-    cin = w.shape[1] * p.groups
-    depthwise = p.groups == cin and w.shape[1] == 1
-    return depthwise or cin <= 4
+def _onednn_ok(x, act) -> bool:
+    """oneDNN's fused post-op convolution can run this call. Measured on a 2-core x86
+    CPU (fp32 channels_last, all 7 layers of benchmarks/bench_conv.py): it is as fast
+    as torch's conv alone, and never slower than torch's conv + our epilogue, so it is
+    used wherever it exists; the C++ epilogue serves the rest (Mish, float16/64,
+    statistics taps, the pre-activation of smooth activations in training)."""
+    return (x.dtype in (torch.float32, torch.bfloat16) and A.onednn_attr(act) is not None
+            and torch.backends.mkldnn.is_available())
+
+
+def _onednn(x, w, b, p, act):
+    attr, scalars, algo = A.onednn_attr(act)
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, list(p.padding), list(p.stride), list(p.dilation),
+                                                   p.groups, attr, scalars, algo)
 
 
 def _epilogue_forward(x, w, b, p, act, keep, stats, run):
@@ -106,16 +109,21 @@ def _epilogue_forward(x, w, b, p, act, keep, stats, run):
 
 @FORWARD.register("cpu", devices=("cpu",), dtypes=_FLOATS)
 def _fwd_cpu(x, w, b, p, act, keep, stats):
-    if not keep and stats is None and not x.requires_grad and _onednn_pays(x, w, p, act):
-        attr, scalars, algo = A.onednn_attr(act)
-        y = torch.ops.mkldnn._convolution_pointwise(x, w, b, list(p.padding), list(p.stride), list(p.dilation),
-                                                    p.groups, attr, scalars, algo)
-        return y, None
-
     def run(z, y, n, c, hw, nhwc, b, stats):
         cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, hw, nhwc,
                                        0 if b is None else b.data_ptr(), act.code, act.alpha,
                                        0 if stats is None else stats.data_ptr())
+
+    if stats is None and _onednn_ok(x, act):
+        if not keep or act.grad_from_output:
+            # y = act(conv + b) in one oneDNN primitive; backward needs only y
+            y = _onednn(x, w, b, p, act)
+            return y, (y if keep else None)
+        # Smooth activation in training: z = conv + b (oneDNN), y = act(z) by torch's
+        # vectorised (Sleef) kernel, measured ~2x faster than our GELU epilogue here; the
+        # gain in training is in backward (activation grad fused with the bias grad).
+        z = _onednn(x, w, b, p, A.resolve("identity"))
+        return A.apply(z, act), z
     return _epilogue_forward(x, w, b, p, act, keep, stats, run)
 
 
@@ -200,7 +208,9 @@ def backward(gy, x, w, saved, p: ConvArgs, act: A.Activation, mask, *, backend=N
     gz, gb = impl.fn(gy, saved, act, want_b)
     gx = gw = None
     if want_x or want_w:
-        gx, gw, _ = torch.ops.aten.convolution_backward(gz, x, w, None, list(p.stride), list(p.padding),
+        # bias_sizes given although the bias grad is ours: with None, torch's CPU conv
+        # backward measured 1.5x slower (depthwise, stem) on this machine
+        gx, gw, _ = torch.ops.aten.convolution_backward(gz, x, w, [w.shape[0]], list(p.stride), list(p.padding),
                                                         list(p.dilation), False, [0, 0], p.groups,
                                                         [want_x, want_w, False])
     return gx, gw, (gb.to(gy.dtype) if gb is not None else None)

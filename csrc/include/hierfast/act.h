@@ -12,6 +12,9 @@
 
 #if defined(__CUDACC__)
 #define HF_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: an out-of-line fexp() call would keep the loops from vectorising
+#define HF_HD inline __attribute__((always_inline))
 #else
 #define HF_HD inline
 #endif

@@ -1,0 +1,163 @@
+"""Fused conv + activation (hierfast.nn.Conv2dAct) against eager conv + activation and
+torch.compile, on the layers of the issue "Fused conv-activation layers: hierfast.nn".
+
+Layers: ResNet-50 stem (7x7/2, 3->64, 224^2), 3x3 convs 64/128/256 ch at 56/28/14,
+MobileNet depthwise 3x3 (32 ch at 112, 144 ch at 56), 1x1 pointwise 64->256 at 56.
+N = 8 on CPU (32 on GPU), fp32 channels_last on CPU (bf16 on GPU); ReLU and GELU;
+forward (inference, no_grad) and forward+backward (input grad except for the stem,
+weight and bias grads). Every provider's output (forward) or weight gradient
+(forward+backward) is compared with a float64 evaluation of the same layer.
+
+Run: ``python benchmarks/run.py conv [--quick]``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+# Inductor's parallel compile workers keep running after a compile and steal CPU from
+# whatever is timed next on this 2-core machine: compile in-process.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _common import bench, row  # noqa: E402
+
+# name, C_in, C_out, k, stride, padding, groups, H (=W)
+LAYERS = [
+    ("stem 7x7/2 3->64 @224", 3, 64, 7, 2, 3, 1, 224),
+    ("3x3 64 @56", 64, 64, 3, 1, 1, 1, 56),
+    ("3x3 128 @28", 128, 128, 3, 1, 1, 1, 28),
+    ("3x3 256 @14", 256, 256, 3, 1, 1, 1, 14),
+    ("dw3x3 32 @112", 32, 32, 3, 1, 1, 32, 112),
+    ("dw3x3 144 @56", 144, 144, 3, 1, 1, 144, 56),
+    ("1x1 64->256 @56", 64, 256, 1, 1, 0, 1, 56),
+]
+ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
+TARGET_13 = ("stem", "dw3x3")  # layers with the >= 1.3x CPU target
+
+
+def _flops(layer, n):
+    _, cin, cout, k, s, p, g, h = layer
+    oh = (h + 2 * p - k) // s + 1
+    return 2 * n * oh * oh * cout * (cin // g) * k * k
+
+
+def _rel_dev(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _models(layer, act, device, dtype):
+    from hierfast.nn import Conv2dAct
+
+    _, cin, cout, k, s, p, g, _ = layer
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, s, p, groups=g).to(device, dtype)
+    eager = nn.Sequential(conv, ACTS[act]())
+    fused = Conv2dAct.from_conv(conv, act)
+    ref = nn.Sequential(nn.Conv2d(cin, cout, k, s, p, groups=g), ACTS[act]()).double().to(device)
+    ref.load_state_dict(eager.state_dict())
+    return eager, fused, ref
+
+
+def _step(model, x, gy):
+    def run():
+        for prm in model.parameters():
+            prm.grad = None
+        model(x).backward(gy)
+        return model[0].weight.grad if isinstance(model, nn.Sequential) else model.weight.grad
+    return run
+
+
+def run(quick: bool = False) -> list[dict]:
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    n = (8 if cuda else 2) if quick else (32 if cuda else 8)
+    budget = 0.5 if quick else 2.5
+    kw = dict(budget_s=budget, min_repeats=2 if quick else 5, max_repeats=5 if quick else 25, device=device)
+    layers = LAYERS[:1] + LAYERS[4:5] if quick else LAYERS
+    rows = []
+    for layer in layers:
+        name = layer[0]
+        for act in ACTS:
+            eager, fused, ref = _models(layer, act, device, dtype)
+            torch.manual_seed(1)
+            x = torch.randn(n, layer[1], layer[7], layer[7], device=device, dtype=dtype)
+            x = x.to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                y_ref = ref(x.double())
+            gy = torch.randn_like(y_ref).to(dtype).contiguous(memory_format=torch.channels_last)
+            # float64 weight gradient for the fwd+bwd accuracy column
+            xr = x.double().requires_grad_(not name.startswith("stem"))
+            ref(xr).backward(gy.double())
+            gw_ref = ref[0].weight.grad
+            torch._dynamo.reset()  # fresh cache per layer: never hit the recompile limit (-> silent eager)
+            t0 = time.perf_counter()
+            compiled = torch.compile(eager)
+            with torch.no_grad():
+                compiled(x)
+            compile_fwd_s = time.perf_counter() - t0
+            xg = x.detach().requires_grad_(not name.startswith("stem"))
+            _compiled_step(compiled, eager, xg, gy)()  # compile the training graph before any timing
+            time.sleep(1.0)
+            for mode in ("fwd", "fwd+bwd"):
+                wl = f"{name} {act} {mode} (N={n})"
+                flops = _flops(layer, n) * (1 if mode == "fwd" else 3)
+                results = {}
+                for prov, model in (("eager conv+act", eager), ("hierfast Conv2dAct", fused),
+                                    ("torch.compile", compiled)):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            t = bench(lambda m=model: m(x), **kw)
+                        dev = _rel_dev(t["result"], y_ref)
+                    else:
+                        xi = x.detach().requires_grad_(not name.startswith("stem"))
+                        step = _compiled_step(compiled, eager, xi, gy) if prov == "torch.compile" \
+                            else _step(model, xi, gy)
+                        t = bench(step, **kw)
+                        dev = _rel_dev(t["result"], gw_ref)
+                    results[prov] = t
+                    note = f"compile {compile_fwd_s:.0f} s (fwd, first call)" if prov == "torch.compile" \
+                        and mode == "fwd" else ""
+                    rows.append(row(wl, prov, t, max_dev=dev, note=note, layer=name, act=act, mode=mode,
+                                    gflops=flops / t["median"] / 1e9))
+                base = results["eager conv+act"]["median"]
+                for r in rows[-3:]:
+                    r["ratio"] = base / r["time_s"]
+    return rows
+
+
+def _compiled_step(compiled, eager, x, gy):
+    def run():
+        for prm in eager.parameters():
+            prm.grad = None
+        compiled(x).backward(gy)
+        return eager[0].weight.grad
+    return run
+
+
+def summary(rows) -> list[str]:
+    """Target checks (CPU: >= 1.0x eager on every layer, >= 1.3x on stem and depthwise)."""
+    out = []
+    hf = [r for r in rows if r["provider"] == "hierfast Conv2dAct"]
+    if not hf:
+        return out
+    worst = min(hf, key=lambda r: r["ratio"])
+    below = [r for r in hf if not r["ratio"] >= 1.0]
+    out.append(f"target >= 1.0x eager on every layer/activation/mode: {'MET' if not below else 'MISSED'} "
+               f"({len(hf) - len(below)}/{len(hf)}; worst {worst['ratio']:.2f}x: {worst['workload']})")
+    big = [r for r in hf if r["layer"].startswith(TARGET_13)]
+    miss = [r for r in big if not r["ratio"] >= 1.3]
+    out.append(f"target >= 1.3x eager on stem and depthwise: {'MET' if not miss else 'MISSED'} "
+               f"({len(big) - len(miss)}/{len(big)}"
+               + ("; missed: " + ", ".join(f"{r['workload']} {r['ratio']:.2f}x" for r in miss) if miss else "")
+               + ")")
+    comp = [r for r in rows if r["provider"] == "torch.compile"]
+    wins = sum(h["time_s"] <= c["time_s"] for h, c in zip(hf, comp))
+    out.append(f"hierfast faster than torch.compile (default) on {wins}/{len(hf)} rows")
+    devs = [r["max_dev"] for r in hf if math.isfinite(r["max_dev"])]
+    if devs:
+        out.append(f"hierfast max relative deviation from float64: {max(devs):.1e}")
+    return out

@@ -176,3 +176,15 @@ def test_track_stats():
 def test_lazy_package_attributes():
     assert hierfast.nn.Conv2dAct is Conv2dAct
     assert callable(hierfast.functional.conv2d_act)
+
+
+def test_autocast_runs_in_autocast_dtype_like_conv2d():
+    torch.manual_seed(0)
+    m = Conv2dAct(4, 6, 3, padding=1, activation="silu")
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, r = m(x), F.silu(ref(x))
+    assert y.dtype == r.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), r.float(), atol=3e-2, rtol=2e-2)

@@ -188,3 +188,11 @@ def test_autocast_runs_in_autocast_dtype_like_conv2d():
         y, r = m(x), F.silu(ref(x))
     assert y.dtype == r.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), r.float(), atol=3e-2, rtol=2e-2)
+
+
+def test_fuse_keeps_channels_last_weights():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()).to(memory_format=torch.channels_last)
+    fused, _ = fuse(model)
+    assert fused[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 9, 9).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused(x), model(x))

@@ -40,6 +40,8 @@ class Conv2dAct(nn.Conv2d):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device=w.device, dtype=w.dtype,
                 activation=activation, **act_kwargs)
+        if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)  # keep the layout
         with torch.no_grad():
             m.weight.copy_(w)
             if conv.bias is not None:

@@ -23,7 +23,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import bench, row  # noqa: E402
+from _common import row  # noqa: E402
 
 # name, C_in, C_out, k, stride, padding, groups, H (=W)
 LAYERS = [
@@ -37,6 +37,32 @@ LAYERS = [
 ]
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
 TARGET_13 = ("stem", "dw3x3")  # layers with the >= 1.3x CPU target
+
+
+def _interleaved(fns: dict, *, budget_s: float, min_repeats: int, max_repeats: int, device=None) -> dict:
+    """Time several providers round-robin (one call each per round, after one warm-up
+    each), so background load on a shared machine hits all of them alike; the result
+    per provider has the keys of ``_common.bench``."""
+    import statistics
+
+    from _common import sync
+
+    results, times = {}, {k: [] for k in fns}
+    t0 = time.perf_counter()
+    for k, f in fns.items():
+        results[k] = f()
+    sync(device)
+    warm = (time.perf_counter() - t0) / len(fns)
+    reps = max(min_repeats, min(max_repeats, int(budget_s / max(warm, 1e-6))))
+    for _ in range(reps):
+        for k, f in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            results[k] = f()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "repeats": reps, "times": v,
+                "warmup": warm, "result": results[k]} for k, v in times.items()}
 
 
 def _flops(layer, n):
@@ -67,6 +93,8 @@ def _step(model, x, gy):
         for prm in model.parameters():
             prm.grad = None
         model(x).backward(gy)
+        if x.grad is not None:
+            x.grad = None
         return model[0].weight.grad if isinstance(model, nn.Sequential) else model.weight.grad
     return run
 
@@ -105,20 +133,18 @@ def run(quick: bool = False) -> list[dict]:
             for mode in ("fwd", "fwd+bwd"):
                 wl = f"{name} {act} {mode} (N={n})"
                 flops = _flops(layer, n) * (1 if mode == "fwd" else 3)
-                results = {}
-                for prov, model in (("eager conv+act", eager), ("hierfast Conv2dAct", fused),
-                                    ("torch.compile", compiled)):
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            t = bench(lambda m=model: m(x), **kw)
-                        dev = _rel_dev(t["result"], y_ref)
-                    else:
-                        xi = x.detach().requires_grad_(not name.startswith("stem"))
-                        step = _compiled_step(compiled, eager, xi, gy) if prov == "torch.compile" \
-                            else _step(model, xi, gy)
-                        t = bench(step, **kw)
-                        dev = _rel_dev(t["result"], gw_ref)
-                    results[prov] = t
+                provs = (("eager conv+act", eager), ("hierfast Conv2dAct", fused), ("torch.compile", compiled))
+                if mode == "fwd":
+                    fns = {p: (lambda m=m: m(x)) for p, m in provs}
+                else:
+                    xi = x.detach().requires_grad_(not name.startswith("stem"))
+                    fns = {p: (_compiled_step(compiled, eager, xi, gy) if p == "torch.compile" else _step(m, xi, gy))
+                           for p, m in provs}
+                with torch.set_grad_enabled(mode != "fwd"):
+                    results = _interleaved(fns, **kw)
+                for prov, _ in provs:
+                    t = results[prov]
+                    dev = _rel_dev(t["result"], y_ref if mode == "fwd" else gw_ref)
                     note = f"compile {compile_fwd_s:.0f} s (fwd, first call)" if prov == "torch.compile" \
                         and mode == "fwd" else ""
                     rows.append(row(wl, prov, t, max_dev=dev, note=note, layer=name, act=act, mode=mode,
@@ -134,6 +160,8 @@ def _compiled_step(compiled, eager, x, gy):
         for prm in eager.parameters():
             prm.grad = None
         compiled(x).backward(gy)
+        if x.grad is not None:
+            x.grad = None
         return eager[0].weight.grad
     return run
 

@@ -195,6 +195,11 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         ``(N, C_out, H_out, W_out)`` (or unbatched), same dtype and memory format as torch's conv.
     """
     act = A.resolve(activation, **act_kwargs)
+    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+        # as F.conv2d under autocast: run in the autocast dtype
+        dt = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
     _check(input, weight, bias)
     stride = _pair(stride, "stride")
     dilation = _pair(dilation, "dilation")

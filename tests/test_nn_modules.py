@@ -176,3 +176,23 @@ def test_track_stats():
 def test_lazy_package_attributes():
     assert hierfast.nn.Conv2dAct is Conv2dAct
     assert callable(hierfast.functional.conv2d_act)
+
+
+def test_autocast_runs_in_autocast_dtype_like_conv2d():
+    torch.manual_seed(0)
+    m = Conv2dAct(4, 6, 3, padding=1, activation="silu")
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, r = m(x), F.silu(ref(x))
+    assert y.dtype == r.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), r.float(), atol=3e-2, rtol=2e-2)
+
+
+def test_fuse_keeps_channels_last_weights():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()).to(memory_format=torch.channels_last)
+    fused, _ = fuse(model)
+    assert fused[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 9, 9).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused(x), model(x))

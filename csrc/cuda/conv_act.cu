@@ -44,7 +44,8 @@ __device__ __forceinline__ int64_t channel(int64_t idx, int64_t C, int64_t HW, b
 // of real layers fit, but a float64 atomic per element is simpler and the tap is
 // optional, so stats use warp-free atomics (correct for any C).
 template <typename S>
-__global__ void fwd_kernel(S* __restrict__ z, S* __restrict__ y, int64_t total, int64_t C, int64_t HW,
+__global__ void fwd_kernel(S* z, S* y,  // may alias (in place): no __restrict__
+                           int64_t total, int64_t C, int64_t HW,
                            bool nhwc, const S* __restrict__ bias, int code, double alpha, double* stats) {
   using Cc = typename Cvt<S>::C;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;

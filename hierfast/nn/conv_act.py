@@ -18,7 +18,7 @@ class Conv2dAct(nn.Conv2d):
     ``approximate``), and ``track_stats``: accumulate per-channel mean, variance and
     fraction of positive outputs inside the epilogue (read with :meth:`stats`).
     ``state_dict`` keys are those of ``nn.Conv2d`` (``weight``, ``bias``), so weights
-    load both ways.
+    load both ways. Statistics are eager-only: under ``torch.compile`` the tap is skipped.
 
     Shape: ``(N, C_in, H, W)`` or ``(C_in, H, W)`` -> ``(N, C_out, H_out, W_out)``.
     """
@@ -40,6 +40,8 @@ class Conv2dAct(nn.Conv2d):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device=w.device, dtype=w.dtype,
                 activation=activation, **act_kwargs)
+        if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)  # keep the layout
         with torch.no_grad():
             m.weight.copy_(w)
             if conv.bias is not None:

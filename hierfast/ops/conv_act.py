@@ -10,6 +10,9 @@ padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
   in place (``hierfast._C.conv_act_forward``). Caveat: oneDNN's ReLU family maps a
   NaN input to 0 where torch (and our epilogue) propagate it.
 * ``cuda``: torch's (cuDNN) convolution, then the CUDA epilogue kernel in place.
+  On CUDA tensors the registry tries ``cuda`` before ``triton``: the Triton kernels
+  have only run under the interpreter so far (no GPU measurements yet), so the
+  cuDNN path stays the default until a GPU benchmark says otherwise.
 * ``triton``: an implicit-GEMM NHWC convolution (depthwise: a direct kernel) with bias
   and activation in the epilogue (hierfast/kernels/conv_act.py).
 

@@ -16,6 +16,10 @@ std::string gram_epilogue(const void* gram, DType in_dtype, int64_t n, int64_t s
 std::string center_columns(const void* x, DType in_dtype, int64_t n, int64_t d, int64_t s0,
                            int64_t s1, void* out, DType out_dtype, double* mean, uintptr_t stream);
 
+std::string channel_topk(const void* x, DType dtype, int64_t B, int64_t C, int64_t S, int64_t sb,
+                         int64_t sc, int64_t ss, int64_t base, int64_t k, int mode, double* vals,
+                         int64_t* idx, int64_t* pos, int64_t* bad, uintptr_t stream);
+
 // Number of visible devices, or a negative value with the error in `err`.
 int device_count(std::string* err);
 

@@ -60,6 +60,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("C"), py::arg("HW"), py::arg("nhwc"), py::arg("act_code"), py::arg("alpha"),
       py::arg("grad_bias"));
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+  m.def(
+      "channel_topk",
+      [](uintptr_t x, int dtype, int64_t B, int64_t C, int64_t S, int64_t sb, int64_t sc, int64_t ss,
+         int64_t base, int64_t k, int mode, uintptr_t vals, uintptr_t idx, uintptr_t pos, uintptr_t bad) {
+        py::gil_scoped_release nogil;
+        hierfast::cpu::channel_topk(ptr<const void>(x), DType(dtype), B, C, S, sb, sc, ss, base, k, mode,
+                                    ptr<double>(vals), ptr<int64_t>(idx), ptr<int64_t>(pos), ptr<int64_t>(bad));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("sb"), py::arg("sc"),
+      py::arg("ss"), py::arg("base"), py::arg("k"), py::arg("mode"), py::arg("vals"), py::arg("idx"),
+      py::arg("pos"), py::arg("bad"));
+  m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.attr("compiled_with_openmp") = true;
 }

@@ -74,6 +74,21 @@ PYBIND11_MODULE(_C_cuda, m) {
         }
         check(err);
       });
+  m.def(
+      "channel_topk",
+      [](uintptr_t x, int dtype, int64_t B, int64_t C, int64_t S, int64_t sb, int64_t sc, int64_t ss,
+         int64_t base, int64_t k, int mode, uintptr_t vals, uintptr_t idx, uintptr_t pos, uintptr_t bad,
+         uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = hierfast::cuda::channel_topk(reinterpret_cast<const void*>(x), DType(dtype), B, C, S, sb, sc,
+                                             ss, base, k, mode, reinterpret_cast<double*>(vals),
+                                             reinterpret_cast<int64_t*>(idx), reinterpret_cast<int64_t*>(pos),
+                                             reinterpret_cast<int64_t*>(bad), stream);
+        }
+        check(err);
+      });
   m.def("device_count", []() {
     std::string err;
     int c = hierfast::cuda::device_count(&err);

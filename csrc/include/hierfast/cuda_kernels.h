@@ -24,6 +24,10 @@ std::string conv_act_backward(const void* grad_y, const void* saved, void* grad_
                               int64_t C, int64_t HW, bool nhwc, int act_code, double alpha, double* grad_bias,
                               uintptr_t stream);
 
+std::string channel_topk(const void* x, DType dtype, int64_t B, int64_t C, int64_t S, int64_t sb,
+                         int64_t sc, int64_t ss, int64_t base, int64_t k, int mode, double* vals,
+                         int64_t* idx, int64_t* pos, int64_t* bad, uintptr_t stream);
+
 // Number of visible devices, or a negative value with the error in `err`.
 int device_count(std::string* err);
 

@@ -1,6 +1,7 @@
 """Statistics that ``analyze`` provides besides ``"cka"`` (see :mod:`.statistics` for the protocol).
 
 * ``"sparsity"``: fraction of active (> 0) feature values per layer.
+* ``"probe"``: linear-probe accuracy, control accuracy and selectivity per layer.
 * ``"invariance"``: normalised invariance score (and CKA invariance) per layer and transform
   magnitude, from extra forwards of transformed inputs (:class:`InvarianceStatistic`).
 """
@@ -154,3 +155,70 @@ class InvarianceStatistic:
 
 
 register_statistic("invariance", InvarianceStatistic)
+
+
+class ProbeStatistic:
+    """Linear probes per layer (:class:`hierfast.stats.ProbeAccumulator`): ridge on one-hot
+    labels, a seeded held-out split by sample identity (position in the stream), a control
+    task and the selectivity. Needs labelled batches (``(x, y)`` tuples or a dict with
+    ``labels``). Options are ProbeAccumulator's (``test_fraction``, ``max_test``, ``max_dim``,
+    ``alphas``, ``control``, ``seed``, ``n_classes``).
+
+    ``compute()`` -> ``{"accuracy": (L,), "control": (L,), "selectivity": (L,), "alpha": (L,),
+    "chance": float, "n_train": int, "n_test": int}`` (``{"a": ..., "b": ...}`` with compare_to).
+    Under torch.distributed, give each rank a disjoint shard: rows are identified by their
+    position in the rank's stream offset by ``rank * 2**40``.
+    """
+
+    def __init__(self, layers_a, layers_b=None, **options) -> None:
+        from ..stats import ProbeAccumulator
+
+        self.layers_a, self.layers_b = list(layers_a), (list(layers_b) if layers_b is not None else None)
+        self.accs = {"a": ProbeAccumulator(**options)}
+        if self.layers_b is not None:
+            self.accs["b"] = ProbeAccumulator(**options)
+        self.offset = 0
+        self._options = options
+
+    def update_batch(self, feats_a, feats_b, batch) -> None:
+        if batch.labels is None:
+            raise ValueError("probe: the batches carry no labels; feed (x, y) tuples (or dicts with 'labels') to "
+                             "probe, or drop 'probe' from stats")
+        y = batch.labels.reshape(-1)
+        n = y.shape[0]
+        idx = torch.arange(self.offset, self.offset + n, device=y.device) + _rank_offset()
+        self.accs["a"].update({k: feats_a[k] for k in self.layers_a}, y, idx)
+        if self.layers_b is not None:
+            self.accs["b"].update({k: feats_b[k] for k in self.layers_b}, y, idx)
+        self.offset += n
+
+    def compute(self):
+        out = {}
+        for side, acc in self.accs.items():
+            r = acc.compute()
+            r.pop("layers")
+            out[side] = r
+        return out["a"] if self.layers_b is None else out
+
+    def state_dict(self) -> dict:
+        return {"offset": self.offset, **{side: acc.state_dict() for side, acc in self.accs.items()}}
+
+    def load_state_dict(self, state: dict) -> "ProbeStatistic":
+        self.offset = state["offset"]
+        for side, acc in self.accs.items():
+            acc.load_state_dict(state[side])
+        return self
+
+    def sync(self, group=None) -> "ProbeStatistic":
+        for acc in self.accs.values():
+            acc.sync(group)
+        return self
+
+
+def _rank_offset() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() * 2 ** 40 if dist.is_available() and dist.is_initialized() else 0
+
+
+register_statistic("probe", ProbeStatistic)

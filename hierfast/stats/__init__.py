@@ -15,3 +15,6 @@ from .minibatch_cka import MinibatchCKA
 __all__ = ["linear_cka", "rbf_cka", "cka_matrix", "MinibatchCKA", "ExactCKA", "Accumulator",
            "ConstantLayerWarning",
            "InvarianceAccumulator", "normalized_invariance", "invariance_curve"]
+from .probe import ProbeAccumulator, ridge_probe  # noqa: E402
+
+__all__ += ["ProbeAccumulator", "ridge_probe"]

@@ -15,18 +15,42 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y) - size + 1, size)]
 
 
+def demo_transforms(quick: bool, seed: int) -> dict:
+    """Translation (zero-padded, pixels), rotation (degrees), Gaussian noise (std of the
+    standardised pixels) and blur (sigma, pixels): two magnitudes each (one with --quick)."""
+    from . import transforms as T
+
+    mags = {"translate": [1, 2], "rotate": [10, 25], "noise": [0.25, 0.5], "blur": [0.5, 1.0]}
+    make = {"translate": lambda m, seed: T.Translate(m, mode="zeros", seed=seed), "rotate": T.Rotate,
+            "noise": T.GaussianNoise, "blur": T.GaussianBlur}
+    return {name: [make[name](m, seed=seed + i) for m in (ms[:1] if quick else ms)]
+            for i, (name, ms) in enumerate(mags.items())}
+
+
+def _side(v, side: str):
+    return v[side] if isinstance(v, dict) and side in v else v
+
+
 def measure(trained: nn.Module, initial: nn.Module, x: torch.Tensor, y: torch.Tensor, *, layers: list[str],
             quick: bool = False, seed: int = 0, progress: bool = True, batch: int = 60) -> dict:
-    """Analysis dict (:mod:`hierfast.report.schema`) of ``trained`` with ``initial`` as reference."""
+    """Analysis dict (:mod:`hierfast.report.schema`) of ``trained``, with ``initial`` as the
+    reference: one pass for trained x initial (CKA between the two, and every other statistic
+    for both networks), one pass for the trained network's layer x layer CKA."""
     data = _batches(x, y, batch)
-    res = analyze(trained, data, layers=layers, stats={"cka": {}, "sparsity": {}, "invariance": {"seed": seed}},
-                  progress=progress)
-    versus = analyze(trained, data, layers=layers, compare_to=initial, stats=("cka",), progress=progress)
+    stats = {"cka": {}, "sparsity": {}, "invariance": {"transforms": demo_transforms(quick, seed)},
+             "probe": {"seed": seed, "n_classes": 10, "test_fraction": 0.3, "max_dim": 256 if quick else 512}}
+    both = analyze(trained, data, layers=layers, compare_to=initial, stats=stats, progress=progress)
+    within = analyze(trained, data, layers=layers, stats=("cka",), progress=progress)
+    probe = _side(both.probe, "a")
     return {
-        "layers": list(res.layers),
-        "cka": res.cka,
-        "cka_vs_reference": versus.cka,
+        "layers": list(within.layers),
+        "cka": within.cka,
+        "cka_vs_reference": both.cka,
         "reference_name": "initialisation",
-        "sparsity": res.sparsity,
-        "invariance": res.invariance,
+        "sparsity": _side(both.sparsity, "a"),
+        "invariance": _side(both.invariance, "a"),
+        "probe": {k: probe[k] for k in ("accuracy", "control", "selectivity", "chance")},
+        "reference": {"invariance": _side(both.invariance, "b"), "probe": _side(both.probe, "b"),
+                      "sparsity": _side(both.sparsity, "b")},
+        "n_samples": within.n_samples,
     }

@@ -37,9 +37,14 @@ def test_demo_quick_writes_report_with_the_hierarchy(tmp_path, capsys):
     assert a["accuracy"] >= 0.95
     assert a["layers"][0] == "conv1" and a["layers"][-1] == "head"
     assert (tmp_path / "report.html").stat().st_size > 10_000
+    # the seed's hierarchy, measured on held-out digits (margins in quick mode, seed 0: probe rank
+    # correlation +0.76 vs 0.5 needed; translation NIS 0.67 bottom vs 0.95 top; adjacent CKA 0.94 vs
+    # 0.75 distant; CKA to initialisation 0.99 bottom vs 0.50 top)
     verdicts = {p["name"]: p["holds"] for p in saved["patterns"]}
-    assert verdicts["adjacent_layers_more_similar"] is True
-    assert verdicts["training_changes_upper_layers"] is True
+    assert verdicts == {"probe_rises_with_depth": True, "translation_invariance_rises": True,
+                        "adjacent_layers_more_similar": True, "training_changes_upper_layers": True}
+    assert set(a["invariance"]) == {"translate", "rotate", "noise", "blur"}
+    assert len(a["probe"]["selectivity"]) == len(a["layers"])
 
 
 def test_bench_unknown_name_lists_available():

@@ -28,12 +28,25 @@ from .minibatch_cka import MinibatchCKA
 
 
 def _prepare(feats, name):
-    """-> (names, [(n, d) float64], labels, single) accepting a bare tensor for one layer."""
+    """-> (names, [(n, d) float64], labels, single) accepting a bare tensor for one layer.
+
+    Finiteness is checked later from the float64 sums (d values, not n x d), see
+    :func:`_raise_if_nonfinite`."""
     single = isinstance(feats, torch.Tensor)
     names, xs = as_layers([feats] if single else feats, name)
     labels = [layer_label(names, i, name) for i in range(len(xs))]
-    xs = [as_features(x, lab, min_n=2).to(torch.float64) for x, lab in zip(xs, labels)]
+    xs = [as_features(x, lab, min_n=2, check_finite=False).to(torch.float64) for x, lab in zip(xs, labels)]
     return names, xs, labels, single
+
+
+def _raise_if_nonfinite(sums, groups) -> None:
+    """NaN/inf anywhere in the inputs makes a sum non-finite; only then find and name the layer."""
+    if bool(torch.isfinite(torch.stack([v.sum() for v in sums])).all()):
+        return
+    for xs, labels in groups:
+        for x, lab in zip(xs, labels):
+            as_features(x, lab, min_n=1, check_finite=True)  # raises, naming the layer and sample
+    raise ValueError("the features' squares overflow float64; rescale the features")
 
 
 def _check_pairs(ref, other, names_r, names_o, lab_r, lab_o):
@@ -118,6 +131,8 @@ class InvarianceAccumulator(Accumulator):
         s_f, s_ff = r.sum(0), (r * r).sum(0)
         s_d1 = ((t - r) ** 2).sum(0)
         s_d2 = ((t - torch.cat(ft2, dim=1)) ** 2).sum(0) if two_view else torch.zeros_like(s_d1)
+        _raise_if_nonfinite((s_f, s_ff, s_d1, s_d2),
+                            [(ref, lab_r), (ft, lab_t)] + ([(ft2, lab_t2)] if two_view else []))
         if self._cka is not None:
             if r.shape[0] < 4:
                 raise ValueError(f"batch of {r.shape[0]} samples: CKA invariance needs batches of >= 4 "

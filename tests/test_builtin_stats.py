@@ -99,3 +99,19 @@ def _analyze_dict_inputs():
             return self.lin(x)
 
     hierfast.analyze(M(), [{"x": torch.randn(8, 4)}], stats=("invariance",), progress=False)
+
+
+def test_deterministic_transforms_are_scored_one_sided():
+    """Blur draws nothing at random: T = T', so the two-view score would be 1 by construction."""
+    from hierfast.transforms import GaussianBlur
+
+    net, data = _net(), _data()
+    blur = GaussianBlur(1.0)
+    res = hierfast.analyze(net, data, layers=["1", "4"], stats={"invariance": {"transforms": {"blur": [blur]}}},
+                           progress=False)
+    with torch.no_grad():
+        ref = [torch.cat([net[:2](x).flatten(1) for x in data]), torch.cat([net(x) for x in data])]
+        tb = [torch.cat([net[:2](blur(x)).flatten(1) for x in data]), torch.cat([net(blur(x)) for x in data])]
+    expect = normalized_invariance(tb, None, ref)
+    torch.testing.assert_close(res.invariance["blur"]["score"][0], expect, atol=1e-9, rtol=0)
+    assert res.invariance["blur"]["score"][0, 0] < 0.999

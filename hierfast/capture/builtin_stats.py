@@ -77,7 +77,8 @@ class InvarianceStatistic:
 
     Per batch and per transform, two independent draws T(x), T'(x) are run through the
     model(s) (``batch.forward``) and NIS_2 = 1 - E||f(Tx) - f(T'x)||^2 / (2 tr Cov f) is
-    accumulated against the untransformed features; ``cka=True`` adds debiased CKA(f(X), f(TX)).
+    accumulated against the untransformed features (a deterministic transform, whose two
+    draws are equal, is scored one-sided: NIS_1 = 1 - E||f(Tx) - f(x)||^2 / (2 tr Cov f)); ``cka=True`` adds debiased CKA(f(X), f(TX)).
     The draws of batch k come from a generator seeded by (seed, k, transform, view), so a
     resumed run draws exactly what the uninterrupted run drew.
 
@@ -118,15 +119,16 @@ class InvarianceStatistic:
                             "drop 'invariance' from stats")
         for fi, (k, ts) in enumerate(self.families.items()):
             for i, t in enumerate(ts):
-                views = [batch.forward(t(x, generator=self._generator(batch.index, fi, i, v, x.device)))
-                         for v in (0, 1)]
-                self.accs[("a", k, i)].update([views[0][0][n] for n in self.layers_a],
-                                              [views[1][0][n] for n in self.layers_a],
-                                              [feats_a[n] for n in self.layers_a])
-                if self.layers_b is not None:
-                    self.accs[("b", k, i)].update([views[0][1][n] for n in self.layers_b],
-                                                  [views[1][1][n] for n in self.layers_b],
-                                                  [feats_b[n] for n in self.layers_b])
+                xt = [t(x, generator=self._generator(batch.index, fi, i, v, x.device)) for v in (0, 1)]
+                # a deterministic transform (blur) gives T = T': the two-view score would be 1 by
+                # construction, so such transforms are scored one-sided, f(Tx) against f(x)
+                views = [batch.forward(xt[0])] + ([None] if torch.equal(xt[0], xt[1]) else [batch.forward(xt[1])])
+                for side, layers, ref, j in (("a", self.layers_a, feats_a, 0), ("b", self.layers_b, feats_b, 1)):
+                    if layers is None:
+                        continue
+                    self.accs[(side, k, i)].update([views[0][j][n] for n in layers],
+                                                   None if views[1] is None else [views[1][j][n] for n in layers],
+                                                   [ref[n] for n in layers])
 
     def compute(self):
         out = {}

@@ -262,3 +262,13 @@ def test_lazy_export():
     import hierfast
 
     assert hierfast.visualize.top_activating is top_activating
+
+
+def test_activation_maximization_conv2d_act_model():
+    from hierfast.nn import Conv2dAct
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dAct(3, 4, 3, activation="gelu"), Conv2dAct(4, 5, 3, stride=2, activation="gelu"))
+    vis = activation_maximization(model, "1", steps=12, size=16, seed=1)
+    assert vis.images.shape == (5, 3, 16, 16) and bool(torch.isfinite(vis.values).all())
+    assert bool((vis.history[-3:].mean(0) > vis.history[:3].mean(0)).all())

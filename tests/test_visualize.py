@@ -106,6 +106,13 @@ def test_receptive_field_gradient_probe_equals_analytic_on_linear_chain():
     got = _receptive.gradient_probe(_Wrapped(body), body[2], torch.zeros(1, 3, 64, 64))
     assert (got.size, got.jump, got.start) == (want.size, want.jump, want.start)
     assert got.method == "gradient"
+    # a field larger than the data's 16x16 images: the probe enlarges its input (no clipping),
+    # and the layers above the target (a head that only fits 16x16) never run
+    deep = nn.Sequential(*[nn.Conv2d(3 if i == 0 else 4, 4, 5, stride=2, padding=2) for i in range(4)],
+                         nn.Flatten(), nn.Linear(4, 2))
+    want = _receptive.analytic(deep, "3")
+    got = _receptive.gradient_probe(_Wrapped(deep), deep[3], torch.zeros(1, 3, 16, 16))
+    assert want.size == (61, 61) and (got.size, got.jump, got.start) == (want.size, want.jump, want.start)
 
 
 class _Tok(nn.Module):

@@ -7,7 +7,7 @@ Two methods:
   stride, padding and dilation; shape-preserving elementwise layers (activations,
   BatchNorm, Dropout, Identity) pass through. Exact.
 - ``"gradient"``: otherwise, the support of the input gradient of one unit (summed over the
-  layer's channels, over a few random inputs) at two neighbouring positions gives size,
+  layer's channels, random input) at two neighbouring positions gives size,
   stride and offset. Approximate: max-pooling and dead ReLUs can shrink the support.
 
 A unit at output position ``i`` (per axis) sees input pixels ``[i*jump + start,
@@ -97,32 +97,56 @@ def _support(grad: torch.Tensor) -> tuple[list[int], list[int]]:
     return [int(rows[0]), int(cols[0])], [int(rows[-1]), int(cols[-1])]
 
 
-def gradient_probe(model: nn.Module, module: nn.Module, x: torch.Tensor, seed: int = 0) -> ReceptiveField:
-    """Receptive field from input-gradient support (see module docstring). ``x``: one
-    ``(N, C, H, W)`` float batch of the data (only its shape/dtype/device are used)."""
+class _Stop(Exception):
+    pass
+
+
+def _probe_once(model, module, shape, dtype, device, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    probe = torch.randn((4,) + tuple(x.shape[1:]), generator=g, dtype=torch.float32).to(x.device, x.dtype)
-    probe.requires_grad_(True)
+    probe = torch.randn(shape, generator=g, dtype=torch.float32).to(device, dtype).requires_grad_(True)
     store = {}
-    h = module.register_forward_hook(lambda m, a, o: store.__setitem__("out", o if torch.is_tensor(o) else o[0]))
+
+    def hook(m, a, o):
+        store["out"] = o if torch.is_tensor(o) else o[0]
+        raise _Stop  # the layers above (a Flatten + Linear head) need not run, nor fit the size
+
+    h = module.register_forward_hook(hook)
     try:
         with torch.enable_grad():
             model(probe)
+    except _Stop:
+        pass
     finally:
         h.remove()
     out = store["out"]
     H, W = out.shape[-2:]
     i0, j0 = max((H - 1) // 2, 0), max((W - 1) // 2, 0)
-    lo, hi = [], []
-    for di in (0, 1):
-        i, j = min(i0 + di, H - 1), min(j0 + di, W - 1)
-        gr, = torch.autograd.grad(out[:, :, i, j].sum(), probe, retain_graph=True)
-        a, b = _support(gr)
-        lo.append((a, (i, j)))
-        hi.append(b)
-    (a0, (i, j)), (a1, (i1, j1)) = lo
-    jump = tuple(max((a1[t] - a0[t]) // max((i1, j1)[t] - (i, j)[t], 1), 1) if (i1, j1)[t] != (i, j)[t] else 1
-                 for t in range(2))
-    size = tuple(hi[0][t] - a0[t] + 1 for t in range(2))
-    start = tuple(a0[t] - (i, j)[t] * jump[t] for t in range(2))
+    i1, j1 = min(i0 + 1, H - 1), min(j0 + 1, W - 1)
+    # one backward for both units: sample 0 carries unit (i0, j0), sample 1 unit (i1, j1)
+    # (eval mode: samples are independent)
+    grad, = torch.autograd.grad(out[0, :, i0, j0].sum() + out[1, :, i1, j1].sum(), probe)
+    lo0, hi0 = _support(grad[:1])
+    lo1, _ = _support(grad[1:])
+    return (i0, j0), (i1, j1), lo0, hi0, lo1
+
+
+def gradient_probe(model: nn.Module, module: nn.Module, x: torch.Tensor, seed: int = 0,
+                   max_side: int = 512) -> ReceptiveField:
+    """Receptive field from input-gradient support (see module docstring). ``x``: one
+    ``(N, C, H, W)`` float batch of the data (only its shape/dtype/device are used). The
+    probe image is enlarged (x2, up to ``max_side``) while the support touches its border,
+    so a field larger than the data's images is still measured (beyond ``max_side`` the
+    size is a lower bound)."""
+    side = [int(x.shape[2]), int(x.shape[3])]
+    while True:
+        (i0, j0), (i1, j1), lo0, hi0, lo1 = _probe_once(model, module, (2, x.shape[1], *side), x.dtype,
+                                                        x.device, seed)
+        touches = [lo0[t] == 0 or hi0[t] == side[t] - 1 for t in range(2)]
+        if not any(touches) or max(side) * 2 > max_side:
+            break
+        side = [s * 2 if t else s for s, t in zip(side, touches)]
+    pos0, pos1 = (i0, j0), (i1, j1)
+    jump = tuple(max((lo1[t] - lo0[t]) // (pos1[t] - pos0[t]), 1) if pos1[t] != pos0[t] else 1 for t in range(2))
+    size = tuple(hi0[t] - lo0[t] + 1 for t in range(2))
+    start = tuple(lo0[t] - pos0[t] * jump[t] for t in range(2))
     return ReceptiveField(size, jump, start, "gradient")

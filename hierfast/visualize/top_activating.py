@@ -144,7 +144,12 @@ def top_activating(model: nn.Module, data, layers, *, k: int = 9, reduce: str = 
         progress: show a tqdm bar.
 
     Returns:
-        ``{layer name: TopActivating}`` in ``named_modules`` order.
+        ``{layer name: TopActivating}`` in ``named_modules`` order. Receptive-field boxes
+        (conv layers, ``reduce="max"``, image inputs) come from walking Conv/Pool kernel,
+        stride, padding and dilation when the model is a (nested) ``nn.Sequential`` chain of
+        conv/pool/elementwise layers up to the layer (exact), else from the input-gradient
+        support of one unit (``receptive_field.method == "gradient"``; approximate where
+        max-pooling or dead ReLUs shrink the support).
 
     Raises:
         ValueError: bad ``k``/``reduce``, unknown layer (closest names listed), empty data,

@@ -279,3 +279,17 @@ def test_activation_maximization_conv2d_act_model():
     vis = activation_maximization(model, "1", steps=12, size=16, seed=1)
     assert vis.images.shape == (5, 3, 16, 16) and bool(torch.isfinite(vis.values).all())
     assert bool((vis.history[-3:].mean(0) > vis.history[:3].mean(0)).all())
+
+
+def test_top_activating_before_inplace_relu_and_progress():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True))
+    x = torch.randn(10, 3, 9, 9)
+    # reduce="mean": pre-ReLU means can be negative, post-ReLU ones cannot
+    res = top_activating(model, [x[:3], x[3:]], "0", k=10, reduce="mean", progress=True)["0"]
+    with torch.no_grad():
+        ref = model[0].double()(x.double())
+    idx, vals, pos = _brute(ref, 10, "mean")
+    assert torch.equal(res.indices, idx)
+    assert torch.allclose(res.values, vals, rtol=1e-5, atol=1e-6)
+    assert bool((res.values < 0).any())  # pre-ReLU values: the in-place ReLU did not leak in

@@ -163,11 +163,17 @@ def top_activating(model: nn.Module, data, layers, *, k: int = 9, reduce: str = 
         raise ValueError(f"context must be an int >= -1 (-1: no context), got {context!r}")
     chosen = select_layers(model, layers)
     states = {n: _Layer(n, m, k, reduce, context) for n, m in chosen}
-    current = {}
+    ran: set[str] = set()
+    ctx = {}
     handles = []
     for n, m in chosen:
+        # Merge inside the hook: a later in-place op (ReLU(inplace=True)) may overwrite the
+        # output before the forward returns. A module called twice in one forward (shared)
+        # contributes its first call only, so each sample is counted once per channel.
         def hook(mod, args, out, n=n):
-            current[n] = pick_output(mod, out, n)
+            if n not in ran:
+                ran.add(n)
+                states[n].update(pick_output(mod, out, n), ctx["base"], ctx["batch"], ctx["ids"])
         handles.append(m.register_forward_hook(hook))
     try:
         dev = next(model.parameters()).device
@@ -190,11 +196,9 @@ def top_activating(model: nn.Module, data, layers, *, k: int = 9, reduce: str = 
                 if first_x is None:
                     first_x = x0[:1].clone()
                 ids = x0 if (x0.dim() == 2 and not x0.is_floating_point() and not x0.is_complex()) else None
-                current.clear()
+                ran.clear()
+                ctx.update(base=base, batch=b, ids=ids)
                 call_model(model, inputs)
-                for n, st in states.items():
-                    if n in current:
-                        st.update(current[n], base, b, ids)
                 base += pb.size
     finally:
         for h in handles:

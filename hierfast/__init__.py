@@ -16,7 +16,7 @@ __all__ = ["__version__", "info", "format_info", "backends", "ops", "stats", "ca
 
 
 def __getattr__(name):  # lazy: hierfast.nn / hierfast.functional import on first use
-    if name in ("nn", "functional"):
+    if name in ("nn", "functional", "visualize"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -131,9 +131,13 @@ def run_demo(out: str | Path = "hierfast-demo", *, quick: bool = False, seed: in
         "training time (s)": f"{t_train:.1f}",
     }
     analysis["accuracy"] = acc
+    from .demo_visual import responds_to_html
+
+    visual = responds_to_html(model, x_te.to(dev), y_te.to(dev), LAYERS[:-1], steps=24 if quick else 96, seed=seed)
     written = write_report(analysis, out, title="hierfast demo: the hierarchy of a digit classifier",
                            intro="A small CNN trained on real handwritten digits, measured layer by layer on "
-                                 "held-out images, against the same network at initialisation.")
+                                 "held-out images, against the same network at initialisation.",
+                           extra_sections=[("What each layer responds to", visual)])
     analysis["meta"]["total time (s)"] = f"{time.perf_counter() - t0:.1f}"
     _print_summary(analysis, written)
     print(f"\nreport: {written['html']}\ndone in {time.perf_counter() - t0:.1f} s")

@@ -293,3 +293,21 @@ def test_top_activating_before_inplace_relu_and_progress():
     assert torch.equal(res.indices, idx)
     assert torch.allclose(res.values, vals, rtol=1e-5, atol=1e-6)
     assert bool((res.values < 0).any())  # pre-ReLU values: the in-place ReLU did not leak in
+
+
+def test_fused_relu_channels_that_start_off_still_rise():
+    """A Conv2dAct(ReLU) channel negative everywhere has zero gradient after the ReLU; the
+    pre-activation is optimised instead, so every channel's objective rises."""
+    from hierfast.nn import Conv2dAct
+    from hierfast.visualize import activation_maximization
+
+    torch.manual_seed(0)
+    conv = Conv2dAct(3, 6, 3, padding=1, activation="relu")
+    with torch.no_grad():
+        conv.bias.fill_(-5.0)  # every channel starts off
+    net = torch.nn.Sequential(conv, torch.nn.AdaptiveAvgPool2d(1))
+    vis = activation_maximization(net, "0", steps=30, size=16, param="pixel", transforms=None, seed=0)
+    assert bool((vis.history[-5:].mean(0) > vis.history[:5].mean(0)).all())
+    off = activation_maximization(net, "0", steps=5, size=16, param="pixel", transforms=None, seed=0,
+                                  pre_activation=False)
+    assert float(off.values.abs().max()) == 0.0  # after the ReLU: stuck at 0, as the docstring warns

@@ -19,6 +19,12 @@ PARAMS = ("fourier", "pixel")
 OBJECTIVES = ("channel", "neuron")
 
 
+def _is_fused_conv(mod) -> bool:
+    from ..nn import Conv2dAct
+
+    return isinstance(mod, Conv2dAct)
+
+
 class _Stop(Exception):
     """Raised by the target layer's hook: the rest of the forward is not needed."""
 
@@ -127,7 +133,7 @@ def activation_maximization(model: nn.Module, layer, channels=None, *, steps: in
                             param: str = "fourier", decorrelate: bool = True, transforms="standard",
                             objective="channel", diversity: float = 0.0, samples: int | None = None,
                             lr: float = 0.05, seed: int = 0, progress: bool = False, tv: float = 0.0,
-                            l2: float = 0.0, preprocess=None) -> Visualization:
+                            l2: float = 0.0, preprocess=None, pre_activation: bool = True) -> Visualization:
     """Synthesise, for every requested channel of ``layer``, the image that maximises it.
 
     Args:
@@ -147,6 +153,9 @@ def activation_maximization(model: nn.Module, layer, channels=None, *, steps: in
         lr: Adam learning rate. seed: seeds the initial image and the transforms.
         tv, l2: weights of total-variation and L2 (around grey 0.5) penalties.
         preprocess: optional ``f(images in [0, 1]) -> model input`` (e.g. normalisation).
+        pre_activation: for a ``hierfast.nn.Conv2dAct`` layer, maximise the convolution's
+            output before the activation (a ReLU's zero region has no gradient, so channels
+            that start off would never move); ``values`` are then pre-activation values.
         progress: tqdm bar.
 
     Returns:
@@ -168,7 +177,13 @@ def activation_maximization(model: nn.Module, layer, channels=None, *, steps: in
     store: dict[str, torch.Tensor] = {}
 
     def hook(mod, args, out):
-        store["acts"] = pick_output(mod, out, name)
+        if pre_activation and _is_fused_conv(mod):
+            # a fused conv + ReLU-family output is 0 wherever the channel is off, and so is its
+            # gradient: optimise the pre-activation instead (the Lucid practice of targeting the
+            # conv before its nonlinearity), recomputed from the same input with the same weights
+            store["acts"] = torch.nn.Conv2d._conv_forward(mod, args[0], mod.weight, mod.bias)
+        else:
+            store["acts"] = pick_output(mod, out, name)
         raise _Stop
 
     def run(img: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,10 @@ def responds_to_html(model, x: torch.Tensor, y: torch.Tensor, layers: list[str],
                                       param="pixel", seed=seed)
         for c, ch in enumerate(chans):
             ax_s, ax_t = axes[r][2 * c], axes[r][2 * c + 1]
-            ax_s.imshow(vis.images[c].mean(0), cmap="gray")
+            ax_s.imshow(vis.images[c].mean(0).cpu().numpy(), cmap="gray")
             r0, c0, r1, c1 = (int(v) for v in t.boxes[ch, 0].tolist())
             idx = int(t.indices[ch, 0])
-            ax_t.imshow(x[idx, 0, r0:r1, c0:c1], cmap="gray")
+            ax_t.imshow(x[idx, 0, r0:r1, c0:c1].cpu().numpy(), cmap="gray")
             ax_s.set_title(f"{layer} ch{ch}", fontsize=7)
             ax_t.set_title(f"top: digit {int(y[idx])}", fontsize=7)
             for ax in (ax_s, ax_t):

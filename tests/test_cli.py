@@ -32,7 +32,7 @@ def test_demo_quick_writes_report_with_the_hierarchy(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and "report:" in out
-    saved = json.load(open(tmp_path / "results.json"))
+    saved = json.loads((tmp_path / "results.json").read_text())
     a = saved["analysis"]
     assert a["accuracy"] >= 0.95
     assert a["layers"][0] == "conv1" and a["layers"][-1] == "head"

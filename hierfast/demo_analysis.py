@@ -38,6 +38,7 @@ def measure(trained: nn.Module, initial: nn.Module, x: torch.Tensor, y: torch.Te
     for both networks), one pass for the trained network's layer x layer CKA."""
     data = _batches(x, y, batch)
     stats = {"cka": {}, "sparsity": {}, "invariance": {"transforms": demo_transforms(quick, seed)},
+             "dimension": {"resamples": 3 if quick else 10, "seed": seed},
              "probe": {"seed": seed, "n_classes": 10, "test_fraction": 0.3, "max_dim": 256 if quick else 512}}
     both = analyze(trained, data, layers=layers, compare_to=initial, stats=stats, progress=progress)
     within = analyze(trained, data, layers=layers, stats=("cka",), progress=progress)
@@ -50,7 +51,8 @@ def measure(trained: nn.Module, initial: nn.Module, x: torch.Tensor, y: torch.Te
         "sparsity": _side(both.sparsity, "a"),
         "invariance": _side(both.invariance, "a"),
         "probe": {k: probe[k] for k in ("accuracy", "control", "selectivity", "chance")},
+        "dimension": {k: v for k, v in _side(both.dimension, "a").items() if k != "effective_rank"},
         "reference": {"invariance": _side(both.invariance, "b"), "probe": _side(both.probe, "b"),
-                      "sparsity": _side(both.sparsity, "b")},
+                      "sparsity": _side(both.sparsity, "b"), "dimension": _side(both.dimension, "b")},
         "n_samples": within.n_samples,
     }

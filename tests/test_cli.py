@@ -45,6 +45,7 @@ def test_demo_quick_writes_report_with_the_hierarchy(tmp_path, capsys):
                         "adjacent_layers_more_similar": True, "training_changes_upper_layers": True}
     assert set(a["invariance"]) == {"translate", "rotate", "noise", "blur"}
     assert len(a["probe"]["selectivity"]) == len(a["layers"])
+    assert len(a["dimension"]["twonn"]) == len(a["layers"]) and min(a["dimension"]["twonn"]) > 1
 
 
 def test_bench_unknown_name_lists_available():

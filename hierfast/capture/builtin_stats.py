@@ -1,6 +1,7 @@
 """Statistics that ``analyze`` provides besides ``"cka"`` (see :mod:`.statistics` for the protocol).
 
 * ``"sparsity"``: fraction of active (> 0) feature values per layer.
+* ``"dimension"``: TwoNN intrinsic dimension, participation ratio and effective rank per layer.
 * ``"probe"``: linear-probe accuracy, control accuracy and selectivity per layer.
 * ``"invariance"``: normalised invariance score (and CKA invariance) per layer and transform
   magnitude, from extra forwards of transformed inputs (:class:`InvarianceStatistic`).
@@ -224,3 +225,57 @@ def _rank_offset() -> int:
 
 
 register_statistic("probe", ProbeStatistic)
+
+
+class DimensionStatistic:
+    """Dimensionality per layer (:class:`hierfast.stats.DimensionAccumulator`): TwoNN on a
+    seeded reservoir sample, participation ratio and effective rank from streamed covariance
+    sums. Options: ``reservoir``, ``max_dim``, ``resamples``, ``fraction``, ``seed``. Under
+    torch.distributed the ranks' reservoirs are concatenated and their sums added.
+
+    ``compute()`` -> ``{"twonn", "twonn_sd", "participation_ratio", "effective_rank"}`` of ``(L,)``
+    (``{"a": ..., "b": ...}`` with compare_to).
+    """
+
+    def __init__(self, layers_a, layers_b=None, **options) -> None:
+        from ..stats import DimensionAccumulator
+
+        self.layers = {"a": list(layers_a)}
+        if layers_b is not None:
+            self.layers["b"] = list(layers_b)
+        self.accs = {side: DimensionAccumulator(**options) for side in self.layers}
+
+    def update_batch(self, feats_a, feats_b, batch) -> None:
+        for side, feats in (("a", feats_a), ("b", feats_b)):
+            if side in self.accs:
+                self.accs[side].update({k: feats[k] for k in self.layers[side]})
+
+    def compute(self):
+        out = {}
+        for side, acc in self.accs.items():
+            r = acc.compute()
+            r.pop("layers")
+            out[side] = r
+        return out["a"] if len(out) == 1 else out
+
+    def state_dict(self) -> dict:
+        return {side: acc.state_dict() for side, acc in self.accs.items()}
+
+    def load_state_dict(self, state: dict) -> "DimensionStatistic":
+        for side, acc in self.accs.items():
+            acc.load_state_dict(state[side])
+        return self
+
+    def sync(self, group=None) -> "DimensionStatistic":
+        import torch.distributed as dist
+
+        from ..stats.dimension import merge_states
+
+        for acc in self.accs.values():
+            states = [None] * dist.get_world_size(group)
+            dist.all_gather_object(states, acc.state_dict(), group=group)
+            acc.load_state_dict(merge_states(states))
+        return self
+
+
+register_statistic("dimension", DimensionStatistic)

@@ -18,3 +18,6 @@ __all__ = ["linear_cka", "rbf_cka", "cka_matrix", "MinibatchCKA", "ExactCKA", "A
 from .probe import ProbeAccumulator, ridge_probe  # noqa: E402
 
 __all__ += ["ProbeAccumulator", "ridge_probe"]
+from .dimension import DimensionAccumulator, effective_rank, participation_ratio, twonn  # noqa: E402
+
+__all__ += ["DimensionAccumulator", "twonn", "participation_ratio", "effective_rank"]

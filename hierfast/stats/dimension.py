@@ -1,0 +1,217 @@
+"""Dimensionality of a layer's representation (METRICS.md §5).
+
+* :func:`twonn` — intrinsic dimension by TwoNN (Facco et al. 2017, Sci. Rep. 7:12140): for
+  each point mu = r2/r1 (second over first nearest-neighbour distance); a line through the
+  origin of -log(1 - F(mu)) against log mu, F(mu_(i)) = i/N, fitted on the lowest
+  ``fraction`` of mu. Ansuini et al. 2019 protocol: mean ± sd over ``resamples`` random 90 %
+  subsets (the issue fixes 10 resamples; Ansuini used 50).
+* :func:`participation_ratio` — (Σλ)²/Σλ² of the covariance eigenvalues (Gao et al. 2017).
+* :func:`effective_rank` — exp(entropy of p_k = σ_k/Σσ), σ the singular values of the centred
+  data (Roy & Vetterli 2007).
+* :class:`DimensionAccumulator` — streaming: a seeded reservoir sample per layer (Vitter 1985)
+  for TwoNN, and streamed float64 covariance sums for PR / effective rank.
+
+Nearest neighbours are found block by block (rows of 1024 against all points, float64), so
+the n x n distance matrix is never held in memory.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ._identity import uniform01
+from ._validate import as_features, as_layers, layer_label
+
+_BLOCK = 1024
+
+
+def two_nearest(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances ``(n,)`` to the first and second nearest other point (float64).
+
+    Ties between neighbours do not matter here (only distances are returned). Blocked:
+    memory O(block * n)."""
+    x = x.to(torch.float64)
+    n = x.shape[0]
+    sq = (x * x).sum(1)
+    r1 = torch.empty(n, dtype=torch.float64, device=x.device)
+    r2 = torch.empty_like(r1)
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        d2 = (sq[s:e, None] + sq[None, :] - 2.0 * (x[s:e] @ x.T)).clamp_min_(0.0)
+        d2[torch.arange(e - s, device=x.device), torch.arange(s, e, device=x.device)] = float("inf")  # self
+        two = torch.topk(d2, 2, dim=1, largest=False).values
+        r1[s:e], r2[s:e] = two[:, 0], two[:, 1]
+    return r1, r2
+
+
+def _twonn_fit(x: torch.Tensor, fraction: float) -> tuple[float, int]:
+    """One TwoNN estimate; returns (dimension, number of duplicate points dropped)."""
+    r1, r2 = two_nearest(x)
+    keep = r1 > 0  # duplicates (r1 = 0) make mu infinite: dropped, as Ansuini et al.'s code does
+    mu = torch.sqrt(r2[keep] / r1[keep])
+    mu = mu[mu > 1.0] if bool((mu > 1.0).any()) else mu
+    n = mu.numel()
+    if n < 3:
+        raise ValueError(f"TwoNN: only {n} usable points (distinct nearest-neighbour distances); pass more samples")
+    mu, _ = torch.sort(mu)
+    m = max(2, int(math.floor(fraction * n)))
+    lx = torch.log(mu[:m])
+    ly = -torch.log1p(-torch.arange(1, m + 1, dtype=torch.float64, device=mu.device) / n)
+    return float((lx * ly).sum() / (lx * lx).sum()), int((~keep).sum())
+
+
+def twonn(x, *, fraction: float = 0.9, resamples: int = 10, seed: int = 0) -> tuple[float, float]:
+    """TwoNN intrinsic dimension of ``x`` ``(n, ...)``: ``(mean, sd)`` over ``resamples``
+    random 90 % subsets (``resamples=1``: the full data, sd 0).
+
+    Raises ValueError for n < 8, NaN/inf, or ``fraction`` outside (0, 1]."""
+    x = as_features(x, "x", min_n=8)
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    n = x.shape[0]
+    if resamples == 1:
+        dims = [_twonn_fit(x, fraction)]
+    else:
+        g = torch.Generator().manual_seed(int(seed))
+        k = max(8, int(0.9 * n))
+        dims = [_twonn_fit(x[torch.randperm(n, generator=g)[:k].to(x.device)], fraction) for _ in range(resamples)]
+    dup = max(d for _, d in dims)
+    if dup > 0.01 * n:
+        warnings.warn(f"TwoNN: {dup} of {n} points have an exact duplicate and were left out", RuntimeWarning,
+                      stacklevel=2)
+    v = torch.tensor([d for d, _ in dims], dtype=torch.float64)
+    return float(v.mean()), float(v.std(unbiased=True)) if resamples > 1 else 0.0
+
+
+def _spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (>= 0) of the covariance of the rows of x (from the Gram when n < d)."""
+    xc = x.to(torch.float64) - x.to(torch.float64).mean(0)
+    m = xc @ xc.T if xc.shape[0] < xc.shape[1] else xc.T @ xc
+    return torch.linalg.eigvalsh(m).clamp_min(0.0) / max(x.shape[0] - 1, 1)
+
+
+def _pr(lam: torch.Tensor) -> float:
+    s2 = float((lam * lam).sum())
+    return float(lam.sum()) ** 2 / s2 if s2 > 0 else float("nan")
+
+
+def _erank(lam: torch.Tensor) -> float:
+    sig = lam.sqrt()
+    tot = float(sig.sum())
+    if tot <= 0:
+        return float("nan")
+    p = sig[sig > 0] / tot
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def participation_ratio(x) -> float:
+    """(Σλ)²/Σλ² of the covariance eigenvalues of ``x`` ``(n, ...)``; NaN for a constant layer."""
+    return _pr(_spectrum(as_features(x, "x", min_n=2)))
+
+
+def effective_rank(x) -> float:
+    """Roy & Vetterli effective rank exp(H(σ/Σσ)) of the centred ``x`` ``(n, ...)``; NaN if constant."""
+    return _erank(_spectrum(as_features(x, "x", min_n=2)))
+
+
+class DimensionAccumulator:
+    """Streaming dimensionality per layer.
+
+    Args:
+        reservoir: points kept per layer for TwoNN (uniform reservoir sample of the stream;
+            the choice of which rows is a seeded hash of each row's stream position, so a
+            resumed run keeps the same sample).
+        max_dim: layers up to this width get PR / effective rank from streamed float64 sums
+            (exact over the whole stream); wider ones from the reservoir sample.
+        resamples, fraction, seed: for :func:`twonn`.
+
+    ``update(feats)``: list/dict of ``(b, ...)`` tensors. ``compute()`` -> dict of per-layer
+    float64 tensors ``twonn``, ``twonn_sd``, ``participation_ratio``, ``effective_rank``.
+    """
+
+    def __init__(self, *, reservoir: int = 2000, max_dim: int = 1024, resamples: int = 10, fraction: float = 0.9,
+                 seed: int = 0) -> None:
+        if not isinstance(reservoir, int) or reservoir < 8:
+            raise ValueError(f"reservoir must be an int >= 8, got {reservoir!r}")
+        self.reservoir, self.max_dim, self.resamples, self.fraction, self.seed = (
+            reservoir, int(max_dim), resamples, fraction, int(seed))
+        self.reset()
+
+    def reset(self) -> None:
+        self.names = None
+        self.seen = 0
+        self.samples: list[torch.Tensor] = []
+        self.sums: list[tuple | None] = []
+
+    def update(self, feats) -> None:
+        names, xs = as_layers(feats, "feats")
+        xs = [as_features(x, layer_label(names, i, "feats"), min_n=1).to(torch.float64) for i, x in enumerate(xs)]
+        b = xs[0].shape[0]
+        if any(x.shape[0] != b for x in xs):
+            raise ValueError("every layer of a batch must have the same number of rows")
+        if self.names is None and not self.samples:
+            self.names = names
+            self.samples = [x.new_zeros(0, x.shape[1]) for x in xs]
+            self.sums = [(torch.zeros((), dtype=torch.float64), x.new_zeros(x.shape[1]),
+                          x.new_zeros(x.shape[1], x.shape[1])) if x.shape[1] <= self.max_dim else None for x in xs]
+        elif len(xs) != len(self.samples) or any(x.shape[1] != s.shape[1] for x, s in zip(xs, self.samples)):
+            raise ValueError("this batch's layers differ from the first batch's; pass the same layers every time")
+        pos = torch.arange(self.seen, self.seen + b)
+        # Algorithm R: row t fills slot t while t < R, else replaces slot floor(u * (t + 1)) if < R
+        slot = torch.where(pos < self.reservoir, pos, (uniform01(pos, self.seed) * (pos + 1)).long())
+        fill = (pos < self.reservoir).nonzero().flatten()  # fill phase: appended in order, in bulk
+        replace = ((pos >= self.reservoir) & (slot < self.reservoir)).nonzero().flatten().tolist()
+        for i, x in enumerate(xs):
+            s = torch.cat([self.samples[i], x[fill]]) if fill.numel() else self.samples[i]
+            for r in replace:  # rare once the reservoir is full (about b * R / t rows per batch)
+                s[int(slot[r])] = x[r]
+            self.samples[i] = s
+            if self.sums[i] is not None:
+                n, sx, sxx = self.sums[i]
+                self.sums[i] = (n + b, sx + x.sum(0), sxx + x.T @ x)
+        self.seen += b
+
+    def compute(self) -> dict:
+        if not self.samples:
+            raise ValueError("DimensionAccumulator.compute() called before any update(): feed at least one batch")
+        out = {k: [] for k in ("twonn", "twonn_sd", "participation_ratio", "effective_rank")}
+        for s, sums in zip(self.samples, self.sums):
+            m, sd = twonn(s, fraction=self.fraction, resamples=self.resamples, seed=self.seed)
+            if sums is not None:
+                n, sx, sxx = sums
+                cov = (sxx - torch.outer(sx, sx) / n) / max(float(n) - 1, 1.0)
+                lam = torch.linalg.eigvalsh(cov).clamp_min(0.0)
+            else:
+                lam = _spectrum(s)
+            out["twonn"].append(m)
+            out["twonn_sd"].append(sd)
+            out["participation_ratio"].append(_pr(lam))
+            out["effective_rank"].append(_erank(lam))
+        res = {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+        res["layers"] = self.names or [f"feats[{i}]" for i in range(len(self.samples))]
+        return res
+
+    def state_dict(self) -> dict:
+        return {"names": self.names, "seen": self.seen, "samples": [s.clone() for s in self.samples],
+                "sums": [None if t is None else tuple(v.clone() for v in t) for t in self.sums]}
+
+    def load_state_dict(self, state: dict) -> "DimensionAccumulator":
+        self.names, self.seen = state["names"], state["seen"]
+        self.samples = [s.clone() for s in state["samples"]]
+        self.sums = [None if t is None else tuple(v.clone() for v in t) for t in state["sums"]]
+        return self
+
+
+def merge_states(states: list[dict]) -> dict:
+    """Combine the states of accumulators that saw disjoint shards (e.g. one per rank):
+    reservoirs are concatenated (TwoNN then runs on the union) and sums added."""
+    base = {"names": states[0]["names"], "seen": sum(s["seen"] for s in states), "samples": [], "sums": []}
+    for i in range(len(states[0]["samples"])):
+        base["samples"].append(torch.cat([s["samples"][i] for s in states]))
+        sums = [s["sums"][i] for s in states]
+        base["sums"].append(None if sums[0] is None else tuple(sum(v) for v in zip(*sums)))
+    return base

@@ -1,0 +1,86 @@
+"""Dimensionality: known answers (METRICS.md §5 golden values), streaming, analyze, bad input."""
+import pytest
+import torch
+
+import hierfast
+from hierfast.stats import DimensionAccumulator, effective_rank, participation_ratio, twonn
+from hierfast.stats.dimension import _erank, _pr, two_nearest
+
+
+def test_two_nearest_equals_cdist_topk_with_duplicates():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (1500, 3), generator=g).double()  # many ties and exact duplicates
+    r1, r2 = two_nearest(x)
+    d = torch.cdist(x, x) ** 2
+    d.fill_diagonal_(float("inf"))
+    ref = torch.topk(d, 2, dim=1, largest=False).values
+    torch.testing.assert_close(r1, ref[:, 0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(r2, ref[:, 1], atol=1e-9, rtol=0)
+
+
+def test_twonn_on_a_5d_linear_manifold_in_100d():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5000, 5, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(100, 5, generator=g, dtype=torch.float64))
+    mean, sd = twonn(z @ q.T, resamples=3)
+    assert abs(mean - 5.0) < 0.3 and sd < 0.3  # measured 4.98 ± 0.04 (10 resamples)
+
+
+def test_participation_ratio_and_effective_rank_golden_values():
+    lam = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    assert _pr(lam) == pytest.approx(2.909091, abs=1e-6)  # METRICS.md §5.2 check values
+    assert _erank(lam) == pytest.approx(3.828427, abs=1e-6)
+    x = torch.randn(20000, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert participation_ratio(x) == pytest.approx(16, rel=0.02)  # isotropic: PR = d
+    assert effective_rank(x) == pytest.approx(16, rel=0.01)
+    assert participation_ratio(x[:, :1] * torch.ones(1, 16)) == pytest.approx(1.0)
+
+
+def test_accumulator_streaming_equals_one_shot():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(600, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 12, generator=g, dtype=torch.float64)
+    wide = torch.randn(600, 40, generator=g)
+    acc = DimensionAccumulator(reservoir=1000, max_dim=16, resamples=2)
+    for i in range(0, 600, 64):
+        acc.update({"x": x[i:i + 64], "wide": wide[i:i + 64]})
+    r = acc.compute()
+    assert r["twonn"][0] == pytest.approx(twonn(x, resamples=2)[0], abs=1e-9)  # whole stream fits the reservoir
+    assert r["participation_ratio"][0].item() == pytest.approx(participation_ratio(x), rel=1e-9)
+    assert r["effective_rank"][1].item() == pytest.approx(effective_rank(wide), rel=1e-9)
+
+
+def test_reservoir_is_bounded_and_resumable():
+    acc = DimensionAccumulator(reservoir=50, resamples=1, seed=3)
+    data = torch.randn(400, 4, generator=torch.Generator().manual_seed(4))
+    for i in range(0, 200, 40):
+        acc.update([data[i:i + 40]])
+    resumed = DimensionAccumulator(reservoir=50, resamples=1, seed=3).load_state_dict(acc.state_dict())
+    for a in (acc, resumed):
+        for i in range(200, 400, 40):
+            a.update([data[i:i + 40]])
+    assert acc.samples[0].shape == (50, 4)
+    assert torch.equal(acc.samples[0], resumed.samples[0])
+    assert not torch.equal(acc.samples[0], data[:50])  # later rows did replace early ones
+
+
+def test_dimension_statistic_through_analyze():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    data = [torch.randn(64, 6) for _ in range(5)]
+    res = hierfast.analyze(net, data, stats={"dimension": {"resamples": 2}}, progress=False)
+    assert res.dimension["twonn"].shape == (2,)
+    assert bool((res.dimension["participation_ratio"] >= 1).all())
+    assert res.dimension["twonn"][0] < 7.5  # a linear map of 6-d inputs: at most ~6
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: twonn(torch.randn(5, 3)), "n >= 8"),
+    (lambda: twonn(torch.full((20, 3), float("nan"))), "NaN"),
+    (lambda: twonn(torch.randn(20, 3), fraction=0.0), "fraction"),
+    (lambda: twonn(torch.randint(0, 3, (20, 3))), "dtype"),
+    (lambda: DimensionAccumulator(reservoir=2), "reservoir"),
+    (lambda: DimensionAccumulator().compute(), "before any update"),
+])
+def test_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()

@@ -84,3 +84,20 @@ def test_dimension_statistic_through_analyze():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("n, d, dtype", [(9, 1, torch.float32), (700, 5, torch.float32), (1300, 64, torch.float64),
+                                         (500, 300, torch.float16)])
+def test_two_nearest_on_continuous_data(n, d, dtype):
+    """Float32 screening + exact float64 recomputation == float64 cdist + topk."""
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, d, generator=g) * 3 + 50).to(dtype)  # a large offset: cancellation-prone
+    x[3] = x[1]  # an exact duplicate
+    r1, r2 = two_nearest(x)
+    xd = x.double()
+    dist = torch.cdist(xd, xd) ** 2
+    dist.fill_diagonal_(float("inf"))
+    ref = torch.topk(dist, 2, dim=1, largest=False).values
+    torch.testing.assert_close(r1, ref[:, 0], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(r2, ref[:, 1], atol=1e-9, rtol=1e-9)
+    assert r1[1] == 0 and r1[3] == 0

@@ -59,6 +59,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_y"), py::arg("saved"), py::arg("grad_z"), py::arg("dtype"), py::arg("N"),
       py::arg("C"), py::arg("HW"), py::arg("nhwc"), py::arg("act_code"), py::arg("alpha"),
       py::arg("grad_bias"));
+  m.def(
+      "knn2",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t s0, int64_t s1, uintptr_t r1sq,
+         uintptr_t r2sq, uintptr_t idx1, uintptr_t idx2) {
+        py::gil_scoped_release nogil;
+        return hierfast::cpu::knn2(ptr<const void>(x), DType(dtype), n, d, s0, s1, ptr<double>(r1sq),
+                                   ptr<double>(r2sq), ptr<int64_t>(idx1), ptr<int64_t>(idx2));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("s0"), py::arg("s1"),
+      py::arg("r1sq"), py::arg("r2sq"), py::arg("idx1"), py::arg("idx2"));
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
   m.def(
       "channel_topk",

@@ -89,6 +89,19 @@ PYBIND11_MODULE(_C_cuda, m) {
         }
         check(err);
       });
+  m.def(
+      "knn2_screen",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t s0, int64_t s1, uintptr_t cand_d,
+         uintptr_t cand_j, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = hierfast::cuda::knn2_screen(reinterpret_cast<const void*>(x), DType(dtype), n, d, s0, s1,
+                                            reinterpret_cast<double*>(cand_d), reinterpret_cast<int64_t*>(cand_j),
+                                            stream);
+        }
+        check(err);
+      });
   m.def("device_count", []() {
     std::string err;
     int c = hierfast::cuda::device_count(&err);

@@ -11,8 +11,8 @@
 * :class:`DimensionAccumulator` — streaming: a seeded reservoir sample per layer (Vitter 1985)
   for TwoNN, and streamed float64 covariance sums for PR / effective rank.
 
-Nearest neighbours are found block by block (rows of 1024 against all points, float64), so
-the n x n distance matrix is never held in memory.
+Nearest neighbours come from the fused 2-NN kernel (:func:`hierfast.ops.knn2`), so the n x n
+distance matrix is never held in memory.
 """
 from __future__ import annotations
 
@@ -22,37 +22,18 @@ import warnings
 import torch
 
 from ._identity import uniform01
+from ..ops.knn2 import knn2
 from ._validate import as_features, as_layers, layer_label
-
-_BLOCK = 1024
-
-
-_CANDIDATES = 8
-
 
 def two_nearest(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distances ``(n,)`` to the first and second nearest other point (float64).
 
-    Blocked (memory O(block * n)): a float32 GEMM screens every block of rows for its 8
-    nearest candidates, whose distances are then recomputed exactly in float64 from the
-    coordinates (the float32 expansion |x|^2 + |y|^2 - 2 x.y only has to rank candidates, not
-    to be accurate; exact duplicates come out as exactly 0). Ties do not matter: only
-    distances are returned."""
-    n = x.shape[0]
-    xs = x.to(torch.float32) if x.dtype != torch.float64 else x
-    x64 = x.to(torch.float64)
-    sq = (xs * xs).sum(1)
-    k = min(_CANDIDATES, n - 1)
-    r1 = torch.empty(n, dtype=torch.float64, device=x.device)
-    r2 = torch.empty_like(r1)
-    for s in range(0, n, _BLOCK):
-        e = min(n, s + _BLOCK)
-        d2 = torch.addmm(sq[None, :], xs[s:e], xs.T, alpha=-2.0).add_(sq[s:e, None])
-        d2[torch.arange(e - s, device=x.device), torch.arange(s, e, device=x.device)] = float("inf")  # self
-        cand = torch.topk(d2, k, dim=1, largest=False).indices  # (b, k)
-        exact = ((x64[cand] - x64[s:e, None, :]) ** 2).sum(-1)  # (b, k) float64
-        two = torch.topk(exact, 2, dim=1, largest=False).values
-        r1[s:e], r2[s:e] = two[:, 0], two[:, 1]
+    Runs the fused pairwise-distance + 2-NN kernel :func:`hierfast.ops.knn2` (C++/OpenMP on
+    the CPU, CUDA or Triton on a GPU): the n x n distance matrix is never stored; candidates
+    are ranked in float32 (float64 input: float64) and the two kept distances are recomputed
+    exactly in float64, so exact duplicates come out as exactly 0."""
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    r1, r2, _, _ = knn2(xs)
     return r1, r2
 
 

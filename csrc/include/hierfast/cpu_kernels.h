@@ -42,3 +42,16 @@ void conv_act_backward(const void* grad_y, const void* saved, void* grad_z, DTyp
                        int64_t C, int64_t HW, bool nhwc, int act_code, double alpha, double* grad_bias);
 
 }  // namespace hierfast::cpu
+
+namespace hierfast::cpu {
+
+// Two nearest neighbours of every row of x (n x d, element strides s0, s1; float32 or
+// float64), self excluded, without storing the n x n distances (csrc/cpu/knn2.cpp).
+// A centred screen in the input precision keeps 4 candidates per row; their exact float64
+// squared distances (sum of squared differences) are certified against a rounding bound,
+// and uncertified rows get an exact scan. Writes r1sq <= r2sq (n float64 each) and idx1,
+// idx2 (n int64); ties -> lower index. Returns the number of rows that needed the scan.
+int64_t knn2(const void* x, DType dtype, int64_t n, int64_t d, int64_t s0, int64_t s1, double* r1sq,
+             double* r2sq, int64_t* idx1, int64_t* idx2);
+
+}  // namespace hierfast::cpu

@@ -28,6 +28,12 @@ std::string channel_topk(const void* x, DType dtype, int64_t B, int64_t C, int64
                          int64_t sc, int64_t ss, int64_t base, int64_t k, int mode, double* vals,
                          int64_t* idx, int64_t* pos, int64_t* bad, uintptr_t stream);
 
+// Screen for the two nearest neighbours (csrc/cuda/knn2.cu): the 4 smallest squared distances
+// per row of x (n x d, self excluded) in the input precision, ascending, ties -> lower index:
+// cand_d (n x 4 float64), cand_j (n x 4 int64, -1: none).
+std::string knn2_screen(const void* x, DType dtype, int64_t n, int64_t d, int64_t s0, int64_t s1,
+                        double* cand_d, int64_t* cand_j, uintptr_t stream);
+
 // Number of visible devices, or a negative value with the error in `err`.
 int device_count(std::string* err);
 

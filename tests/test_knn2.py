@@ -1,0 +1,160 @@
+"""Fused 2-nearest-neighbour op (hierfast.ops.knn2) against a float64 brute force."""
+import pytest
+import torch
+
+from conftest import available_backends
+from hierfast.ops import knn2, knn2_reference
+
+SHAPES = [(3, 1), (4, 2), (5, 7), (17, 3), (130, 5), (250, 1), (41, 300), (600, 20)]
+BACKENDS = available_backends("cpu")
+
+
+def brute_force(x):
+    """Full distance matrix, stable sort: ties -> lower index (independent of knn2_reference)."""
+    x = x.double()
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    d2.fill_diagonal_(float("inf"))
+    v, i = torch.sort(d2, dim=1, stable=True)
+    return v[:, 0], v[:, 1], i[:, 0], i[:, 1]
+
+
+def data(n, d, dtype, kind, strided=False):
+    if kind == "int":  # small integers: many exact ties and duplicates, exact arithmetic
+        x = torch.randint(0, 3, (n, d)).to(dtype)
+    else:
+        x = torch.randn(n, d, dtype=dtype)
+    if strided:  # a transposed view: column-major strides
+        x = x.T.contiguous().T
+    return x
+
+
+# The Triton interpreter is slow: it gets the small shapes only (still > one tile).
+CASES = [(b, n, d) for b in BACKENDS for n, d in SHAPES if b != "triton" or n * d <= 3000]
+
+
+@pytest.mark.parametrize("n,d", SHAPES[:6])
+def test_reference_is_brute_force(n, d):
+    for kind in ("int", "randn"):
+        x = data(n, d, torch.float64, kind)
+        for a, b in zip(knn2_reference(x, chunk=7), brute_force(x)):
+            assert torch.equal(a, b)
+
+
+def check_exact(out, ref, rtol=1e-12):
+    """Indices equal; distances equal up to float64 summation order."""
+    r1, r2, i1, i2 = out
+    assert torch.equal(i1, ref[2]) and torch.equal(i2, ref[3])
+    torch.testing.assert_close(r1, ref[0], rtol=rtol, atol=0)
+    torch.testing.assert_close(r2, ref[1], rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("backend,n,d", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strided", [False, True])
+def test_ties_and_duplicates_exactly(backend, n, d, dtype, strided):
+    """Small-integer data: many exact ties and duplicates; every distance is exact, so values
+    and indices (with the lower-index tie rule) must equal the brute force exactly."""
+    x = data(n, d, dtype, "int", strided)
+    out = knn2(x, backend=backend)
+    for a, b in zip(out, brute_force(x)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,n,d", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_data(backend, n, d, dtype):
+    x = data(n, d, dtype, "randn", strided=(n % 2 == 1))
+    check_exact(knn2(x, backend=backend), brute_force(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cancellation_prone_data_is_exact(backend, dtype):
+    """Tight clusters far from the origin: float32 |a|^2+|b|^2-2a.b alone would misrank
+    neighbours; centring + certification (+ exact scans) must still give the exact answer."""
+    g = torch.Generator().manual_seed(5)
+    n, d = (300, 40) if backend == "triton" else (1500, 40)
+    centres = 1e3 + 50 * torch.randn(n // 50, d, generator=g, dtype=torch.float64)
+    x = (centres.repeat_interleave(50, 0) + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
+    check_exact(knn2(x, backend=backend), brute_force(x), rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_certificate_holds_on_continuous_data(backend):
+    """On continuous data the screen's certificate settles (almost) every row: the fast
+    path, not the exact scan, produced the answer."""
+    x = torch.randn(400 if backend == "triton" else 3000, 32, generator=torch.Generator().manual_seed(1))
+    *out, fallbacks = knn2(x, backend=backend, return_fallbacks=True)
+    check_exact(out, brute_force(x))
+    assert fallbacks <= 0.02 * x.shape[0]
+
+
+def test_certify_accepts_perturbed_screen_within_bound():
+    """certify() is exact for any screen whose values are off by less than the bound."""
+    from hierfast.ops.knn2 import KEEP, certify, screen_error_bound
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 16, generator=g)
+    xc = x.double() - x.double().mean(0)
+    norms = xc.square().sum(1)
+    d2 = torch.cdist(xc, xc).square().fill_diagonal_(float("inf"))
+    eps = screen_error_bound(norms, 16, torch.float32)
+    noisy = d2 + (torch.rand(d2.shape, generator=g, dtype=torch.float64) - 0.5) * eps[:, None]
+    cand_d, cand_j = torch.topk(noisy, KEEP, dim=1, largest=False)
+    *out, _ = certify(x, norms, cand_d, cand_j)
+    check_exact(out, brute_force(x))
+
+
+def test_fallback_scan_runs_on_ties():
+    """Three or more duplicates cannot be certified: those rows take the exact scan."""
+    x = torch.randn(60, 5)
+    x[10:20] = x[3]
+    *out, fallbacks = knn2(x, return_fallbacks=True)
+    assert fallbacks >= 10
+    check_exact(out, brute_force(x))
+    assert bool((out[0][10:20] == 0).all() and (out[1][10:20] == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicates_give_exact_zero(backend):
+    x = torch.randn(40, 6)
+    x[10] = x[3]
+    x[20] = x[3]
+    r1, r2, i1, i2 = knn2(x, backend=backend)
+    assert r1[3] == 0 and r2[3] == 0 and (i1[3], i2[3]) == (10, 20)
+    assert r1[20] == 0 and (i1[20], i2[20]) == (3, 10)
+    assert bool((r1[[0, 1, 2]] > 0).all())
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="n >= 3"):
+        knn2(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        knn2(torch.randn(5))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        knn2(torch.randint(0, 3, (5, 2)))
+    with pytest.raises(TypeError):
+        knn2([[0.0, 1.0]] * 4)
+    x = torch.randn(10, 3)
+    x[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        knn2(x)
+
+
+# CUDA tensors (cuda and triton backends): runs where a GPU is present (CI with a GPU).
+CUDA_CASES = [(b, n, d) for b in (available_backends("cuda") if torch.cuda.is_available() else [])
+              for n, d in SHAPES + [(3000, 64)]]
+
+
+@pytest.mark.parametrize("backend,n,d", CUDA_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_tensors(backend, n, d, dtype):
+    for kind in ("int", "randn"):
+        x = data(n, d, dtype, kind, strided=(n % 2 == 1)).cuda()
+        ref = brute_force(x.cpu())
+        got = [t.cpu() for t in knn2(x, backend=backend)]
+        if kind == "int":  # exact arithmetic: equals the brute force exactly
+            for a, b in zip(got, ref):
+                assert torch.equal(a, b)
+        else:
+            check_exact(got, ref, rtol=1e-10)

@@ -38,8 +38,8 @@ constexpr int64_t kQueryBlock = 96;  // query rows sharing one pass over a refer
 // Reference points per packed panel: two 512-bit vectors (16 accumulators per micro-tile).
 template <typename T> struct Panel { static constexpr int64_t cols = 128 / sizeof(T); };
 
-// acc[r][c] = sum_k q[r][k] * p[k][c] for kRows query rows (row stride d) and one packed
-// panel p (d x C). Cloned for AVX-512 / AVX2 / baseline (HIERFAST_SIMD_CLONES).
+// acc[r][c] = sum_k q[k][r] * p[k][c] for one packed query micro-tile q (d x kRows) and
+// one packed panel p (d x C). Cloned for AVX-512 / AVX2 / baseline (HIERFAST_SIMD_CLONES).
 template <typename T>
 HIERFAST_SIMD_CLONES void micro_tile(const T* __restrict__ q, const T* __restrict__ p, int64_t d,
                                      T* __restrict__ out) {
@@ -47,8 +47,9 @@ HIERFAST_SIMD_CLONES void micro_tile(const T* __restrict__ q, const T* __restric
   T acc[kRows][C] = {};
   for (int64_t k = 0; k < d; ++k) {
     const T* pk = p + k * C;
+    const T* qk = q + k * kRows;
     for (int64_t r = 0; r < kRows; ++r) {
-      const T a = q[r * d + k];
+      const T a = qk[r];
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) acc[r][c] += a * pk[c];
     }
@@ -57,24 +58,33 @@ HIERFAST_SIMD_CLONES void micro_tile(const T* __restrict__ q, const T* __restric
     for (int64_t c = 0; c < C; ++c) out[r * C + c] = acc[r][c];
 }
 
-// Turns one row of dot products into squared distances (in place) and says whether any of
-// them could enter the row's list (< row_worst) or a column's list (<= col_worst[c]; ties
-// are settled by index in the scalar insertion). Columns c < c_begin (j <= i) are masked.
+// Turns a micro-tile of dot products into squared distances (in place) and returns a bit
+// per row that has an offer that could enter the row's list (< row_worst[r]) or a column's
+// list (<= col_worst[c]; ties are settled by index in the scalar insertion). Pairs with
+// j <= i (and rows past the last query) are masked to +inf.
 template <typename T>
-HIERFAST_SIMD_CLONES bool distances_and_hits(T* __restrict__ dot, T ni, const T* __restrict__ nj,
-                                             const T* __restrict__ col_worst, int64_t c_begin, T row_worst) {
+HIERFAST_SIMD_CLONES unsigned tile_distances(T* __restrict__ tile, const T* __restrict__ ni,
+                                             const T* __restrict__ nj, const T* __restrict__ col_worst,
+                                             const T* __restrict__ row_worst, int64_t i0, int64_t j0, int64_t n) {
   constexpr int64_t C = Panel<T>::cols;
   const T inf = std::numeric_limits<T>::infinity();
-  int hit = 0;
+  unsigned rows_hit = 0;
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t c_begin = i0 + r >= n ? C : std::max<int64_t>(0, i0 + r + 1 - j0);
+    T* dist = tile + r * C;
+    const T nr = ni[r], worst = row_worst[r];
+    int hit = 0;
 #pragma omp simd reduction(| : hit)
-  for (int64_t c = 0; c < C; ++c) {
-    T dist = ni + nj[c] - T(2) * dot[c];
-    dist = dist < T(0) ? T(0) : dist;  // rounding of the expansion; the truth is >= 0
-    dist = c < c_begin ? inf : dist;
-    dot[c] = dist;
-    hit |= (int)(dist < row_worst) | (int)(dist <= col_worst[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      T v = nr + nj[c] - T(2) * dist[c];
+      v = v < T(0) ? T(0) : v;  // rounding of the expansion; the truth is >= 0
+      v = c < c_begin ? inf : v;
+      dist[c] = v;
+      hit |= (int)(v < worst) | (int)(v <= col_worst[c]);
+    }
+    rows_hit |= (unsigned)(hit != 0) << r;
   }
-  return hit != 0;
+  return rows_hit;
 }
 
 // The kKeep smallest (distance, index) offers, ascending lexicographically.
@@ -127,7 +137,7 @@ int64_t knn2_impl(const TIn* x, int64_t n, int64_t d, int64_t s0, int64_t s1, do
   const int64_t n_q = (n + kRows - 1) / kRows * kRows;  // queries padded to whole micro-tiles
   const int64_t n_panels = (n + C - 1) / C;
   std::vector<T> xo(n * d);                             // original values, contiguous (exact pass)
-  std::vector<T> xc(n_q * d, T(0));                     // centred values (screen)
+  std::vector<T> qtiles(n_q * d, T(0));                 // centred queries: [tile][k][r]
   std::vector<T> packed(n_panels * C * d, T(0));        // centred panels: [panel][k][c]
   std::vector<T> norms(n_panels * C, inf);              // padding columns: never offered
   std::vector<double> mean(d, 0.0);
@@ -143,12 +153,13 @@ int64_t knn2_impl(const TIn* x, int64_t n, int64_t d, int64_t s0, int64_t s1, do
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     double s = 0.0;
-    T* row = xc.data() + i * d;
+    T* qt = qtiles.data() + (i / kRows) * kRows * d + (i % kRows);
     T* pan = packed.data() + (i / C) * C * d + (i % C);
     for (int64_t k = 0; k < d; ++k) {
-      row[k] = xo[i * d + k] - shift[k];
-      s += (double)row[k] * (double)row[k];
-      pan[k * C] = row[k];
+      const T v = xo[i * d + k] - shift[k];
+      s += (double)v * (double)v;
+      qt[k * kRows] = v;
+      pan[k * C] = v;
     }
     norms64[i] = s;
     norms[i] = (T)s;
@@ -180,15 +191,17 @@ int64_t knn2_impl(const TIn* x, int64_t n, int64_t d, int64_t s0, int64_t s1, do
         const int64_t j0 = pnl * C;
         for (int64_t qr = q0; qr < q1; qr += kRows) {
           if (j0 + C - 1 <= qr) continue;  // no j > i for these rows
-          micro_tile<T>(xc.data() + qr * d, p, d, tile.data());
-          const int64_t r_end = std::min(kRows, q1 - qr);
-          for (int64_t r = 0; r < r_end; ++r) {
+          micro_tile<T>(qtiles.data() + qr * d, p, d, tile.data());
+          T row_worst[kRows];
+          for (int64_t r = 0; r < kRows; ++r) row_worst[r] = qr + r < q1 ? local[qr + r - q0].d[kKeep - 1] : inf;
+          unsigned hits = tile_distances<T>(tile.data(), norms.data() + qr, norms.data() + j0, worst + j0,
+                                            row_worst, qr, j0, q1);
+          while (hits) {
+            const int r = __builtin_ctz(hits);
+            hits &= hits - 1;
             const int64_t i = qr + r;
             Keep<T>& ri = local[i - q0];
-            T* dist = tile.data() + r * C;
-            if (!distances_and_hits<T>(dist, norms[i], norms.data() + j0, worst + j0,
-                                       std::max<int64_t>(0, i + 1 - j0), ri.d[kKeep - 1]))
-              continue;
+            const T* dist = tile.data() + r * C;
             for (int64_t c = std::max<int64_t>(0, i + 1 - j0); c < C; ++c) {
               const T v = dist[c];
               if (v == inf) continue;

@@ -39,6 +39,23 @@ def _targets(y: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def _add_gram(out: torch.Tensor, x: torch.Tensor, *, exact: bool) -> None:
+    """``out += Σ xxᵀ`` for a float64 batch ``x`` ``(b, p)``; ``out`` ``(p, p)`` float64.
+
+    Computed as Xcᵀ Xc + b μμᵀ with Xc the batch centred on its own mean μ: the centred GEMM
+    (nearly all the probe's work) runs in float32 unless ``exact`` (float64 features), which
+    loses nothing the float32 features held — the batch mean, where cancellation would bite,
+    stays in float64 (the pairwise update of Chan, Golub & LeVeque 1979)."""
+    b = x.shape[0]
+    if b == 0:
+        return
+    mu = x.mean(0)
+    xc = x - mu
+    if not exact:
+        xc = xc.to(torch.float32)
+    out.add_(xc.T @ xc).addr_(mu, mu, alpha=float(b))
+
+
 def _onehot(y: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.zeros(y.shape[0], k, dtype=torch.float64, device=y.device)
     out[torch.arange(y.shape[0], device=y.device), y] = 1.0
@@ -216,11 +233,11 @@ class ProbeAccumulator:
         t, tc = _onehot(y[train], self.k), _onehot(yc[train], self.k_control)
         self.sy += t.sum(0)
         self.sy_c += tc.sum(0)
-        for i, (r, L) in enumerate(zip(red, self.layers)):
+        for i, (r, L, x) in enumerate(zip(red, self.layers, xs)):
             rt = r[train]
             L.n += rt.shape[0]
             L.sx += rt.sum(0)
-            L.sxx += rt.T @ rt
+            _add_gram(L.sxx, rt, exact=x.dtype == torch.float64)
             if len(self.sxy) <= i:
                 self.sxy.append(torch.zeros(r.shape[1], self.k, dtype=torch.float64, device=dev))
                 self.sxy_c.append(torch.zeros(r.shape[1], self.k_control, dtype=torch.float64, device=dev))

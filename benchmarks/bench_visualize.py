@@ -90,7 +90,8 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     t_base = bench(lambda: _one_at_a_time(model, model.layer2, range(n_ch), steps, size), repeats=1)
     rows.append(row(wl, "one channel at a time, full forward (lucent-style)", t_base, ratio=1.0, baseline=True))
-    t = bench(lambda: activation_maximization(model, "layer2", list(range(n_ch)), steps=steps, size=size),
+    t = bench(lambda: activation_maximization(model, "layer2", list(range(n_ch)), steps=steps, size=size,
+                                                  progress=False),
               repeats=3 if not quick else 1)
     rows.append(row(wl, "hierfast activation_maximization (batched, stopped)", t,
                     ratio=t_base["median"] / t["median"], note="same parameterisation/transforms"))

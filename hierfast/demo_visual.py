@@ -29,7 +29,7 @@ def responds_to_html(model, x: torch.Tensor, y: torch.Tensor, layers: list[str],
         t = top[layer]
         chans = torch.argsort(t.values[:, 0], descending=True)[:ncol].tolist()  # the most responsive
         vis = activation_maximization(model, layer, channels=chans, steps=steps, size=x.shape[-1],
-                                      param="pixel", seed=seed)
+                                      param="pixel", seed=seed, progress=False)
         for c, ch in enumerate(chans):
             ax_s, ax_t = axes[r][2 * c], axes[r][2 * c + 1]
             ax_s.imshow(vis.images[c].mean(0).cpu().numpy(), cmap="gray")

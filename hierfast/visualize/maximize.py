@@ -132,7 +132,7 @@ def _diversity(acts: torch.Tensor, samples: int) -> torch.Tensor:
 def activation_maximization(model: nn.Module, layer, channels=None, *, steps: int = 256, size: int = 64,
                             param: str = "fourier", decorrelate: bool = True, transforms="standard",
                             objective="channel", diversity: float = 0.0, samples: int | None = None,
-                            lr: float = 0.05, seed: int = 0, progress: bool = False, tv: float = 0.0,
+                            lr: float = 0.05, seed: int = 0, progress: bool = True, tv: float = 0.0,
                             l2: float = 0.0, preprocess=None, pre_activation: bool = True) -> Visualization:
     """Synthesise, for every requested channel of ``layer``, the image that maximises it.
 
@@ -156,7 +156,7 @@ def activation_maximization(model: nn.Module, layer, channels=None, *, steps: in
         pre_activation: for a ``hierfast.nn.Conv2dAct`` layer, maximise the convolution's
             output before the activation (a ReLU's zero region has no gradient, so channels
             that start off would never move); ``values`` are then pre-activation values.
-        progress: tqdm bar.
+        progress: a tqdm bar over the steps (on by default; ``False`` in scripts and logs).
 
     Returns:
         :class:`Visualization` (images ``(C, 3, size, size)`` in [0, 1], values ``(C,)``,

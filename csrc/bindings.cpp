@@ -62,13 +62,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "knn2",
       [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t s0, int64_t s1, uintptr_t r1sq,
-         uintptr_t r2sq, uintptr_t idx1, uintptr_t idx2) {
-        py::gil_scoped_release nogil;
-        return hierfast::cpu::knn2(ptr<const void>(x), DType(dtype), n, d, s0, s1, ptr<double>(r1sq),
-                                   ptr<double>(r2sq), ptr<int64_t>(idx1), ptr<int64_t>(idx2));
+         uintptr_t r2sq, uintptr_t idx1, uintptr_t idx2, bool allow_bf16) {
+        int64_t stats[3];
+        {
+          py::gil_scoped_release nogil;
+          hierfast::cpu::knn2(ptr<const void>(x), DType(dtype), n, d, s0, s1, ptr<double>(r1sq),
+                              ptr<double>(r2sq), ptr<int64_t>(idx1), ptr<int64_t>(idx2), allow_bf16, stats);
+        }
+        return py::make_tuple(stats[0], stats[1], stats[2]);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("s0"), py::arg("s1"),
-      py::arg("r1sq"), py::arg("r2sq"), py::arg("idx1"), py::arg("idx2"));
+      py::arg("r1sq"), py::arg("r2sq"), py::arg("idx1"), py::arg("idx2"), py::arg("allow_bf16"));
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
   m.def(
       "channel_topk",

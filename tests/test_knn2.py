@@ -79,14 +79,14 @@ def test_cancellation_prone_data_is_exact(backend, dtype):
     check_exact(knn2(x, backend=backend), brute_force(x), rtol=1e-10)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_certificate_holds_on_continuous_data(backend):
     """On continuous data the screen's certificate settles (almost) every row: the fast
     path, not the exact scan, produced the answer."""
     x = torch.randn(400 if backend == "triton" else 3000, 32, generator=torch.Generator().manual_seed(1))
-    *out, fallbacks = knn2(x, backend=backend, return_fallbacks=True)
+    *out, stats = knn2(x, backend=backend, screen="native", return_stats=True)
     check_exact(out, brute_force(x))
-    assert fallbacks <= 0.02 * x.shape[0]
+    assert stats["exact_scans"] <= 0.02 * x.shape[0]
 
 
 def test_certify_accepts_perturbed_screen_within_bound():
@@ -109,10 +109,61 @@ def test_fallback_scan_runs_on_ties():
     """Three or more duplicates cannot be certified: those rows take the exact scan."""
     x = torch.randn(60, 5)
     x[10:20] = x[3]
-    *out, fallbacks = knn2(x, return_fallbacks=True)
-    assert fallbacks >= 10
+    *out, stats = knn2(x, return_stats=True)
+    assert stats["exact_scans"] >= 10
     check_exact(out, brute_force(x))
     assert bool((out[0][10:20] == 0).all() and (out[1][10:20] == 0).all())
+
+
+def _bf16_data(kind, n, d, g):
+    if kind == "randn":
+        return torch.randn(n, d, generator=g)
+    if kind == "int":  # exact ties everywhere
+        return torch.randint(0, 3, (n, d), generator=g).float()
+    if kind == "manifold":  # low intrinsic dimension, large offset
+        return torch.randn(n, 4, generator=g) @ torch.randn(4, d, generator=g) + 20.0
+    if kind == "clusters":  # tight clusters: the bfloat16 screen cannot certify them
+        c = 50 * torch.randn(-(-n // 25), d, generator=g)
+        return c.repeat_interleave(25, 0)[:n] + 1e-2 * torch.randn(n, d, generator=g)
+    if kind == "duplicates":
+        x = torch.randn(n, d, generator=g)
+        x[100:140] = x[7]
+        x[300:302] = x[9]
+        return x
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["randn", "int", "manifold", "clusters", "duplicates"])
+@pytest.mark.parametrize("n,d", [(1000, 64), (1531, 33), (2048, 97)])
+def test_bfloat16_screen_is_exact(kind, n, d):
+    """The bfloat16 screen (AVX512-BF16 CPUs) with its certificate, float32 re-screen and
+    exact scan gives exactly the brute-force answer, however hard the data."""
+    g = torch.Generator().manual_seed(n + d)
+    x = _bf16_data(kind, n, d, g)
+    *out, stats = knn2(x, screen="auto", return_stats=True)
+    if stats["screen"] != "bfloat16":
+        pytest.skip("this CPU has no AVX512-BF16: the bfloat16 screen does not run")
+    ref = brute_force(x)
+    if kind == "int":
+        for a, b in zip(out, ref):
+            assert torch.equal(a, b)
+    else:
+        check_exact(out, ref, rtol=1e-10)
+    if kind == "clusters":  # the second stage ran, and settled the rows
+        assert stats["rescreened"] > 0
+    if kind == "randn":  # the certificate holds for nearly every row
+        assert stats["rescreened"] <= 0.05 * n
+
+
+def test_screen_argument():
+    x = torch.randn(600, 40)
+    a = knn2(x, screen="native", return_stats=True)
+    b = knn2(x, screen="auto", return_stats=True)
+    assert a[4]["screen"] == "float32"
+    for u, v in zip(a[:4], b[:4]):
+        assert torch.equal(u, v)
+    with pytest.raises(ValueError, match="screen"):
+        knn2(x, screen="bf16")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -110,21 +110,27 @@ def certify(x: torch.Tensor, norms: torch.Tensor, cand_d: torch.Tensor, cand_j: 
     return r1, r2, i1, i2, int(redo.numel())
 
 
+def _stats(screen_dtype: str, rescreened: int, exact_scans: int) -> dict:
+    return {"screen": screen_dtype, "rescreened": int(rescreened), "exact_scans": int(exact_scans)}
+
+
 @OP.register("reference", devices=("cpu", "cuda"), dtypes=_IN)
-def _reference(x):
-    return (*knn2_reference(x), 0)
+def _reference(x, allow_bf16):
+    return (*knn2_reference(x), _stats("none (exact)", 0, x.shape[0]))
 
 
 @OP.register("cpu", devices=("cpu",), dtypes=_IN)
-def _cpu(x):
+def _cpu(x, allow_bf16):
     n = x.shape[0]
     r1 = torch.empty(n, dtype=torch.float64)
     r2 = torch.empty(n, dtype=torch.float64)
     i1 = torch.empty(n, dtype=torch.int64)
     i2 = torch.empty(n, dtype=torch.int64)
-    redo = cpu_kernels().knn2(x.data_ptr(), _dtypes.code(x.dtype), n, x.shape[1], x.stride(0), x.stride(1),
-                              r1.data_ptr(), r2.data_ptr(), i1.data_ptr(), i2.data_ptr())
-    return r1, r2, i1, i2, int(redo)
+    bf16, rescreened, scans = cpu_kernels().knn2(x.data_ptr(), _dtypes.code(x.dtype), n, x.shape[1], x.stride(0),
+                                                 x.stride(1), r1.data_ptr(), r2.data_ptr(), i1.data_ptr(),
+                                                 i2.data_ptr(), bool(allow_bf16))
+    screen = "bfloat16" if bf16 else str(x.dtype).replace("torch.", "")
+    return r1, r2, i1, i2, _stats(screen, rescreened, scans)
 
 
 def _screened(x, screen):
@@ -134,11 +140,12 @@ def _screened(x, screen):
     cand_d = torch.full((x.shape[0], KEEP), float("nan"), dtype=torch.float64, device=x.device)
     cand_j = torch.full((x.shape[0], KEEP), -2, dtype=torch.int64, device=x.device)
     screen(xc, norms, cand_d, cand_j)
-    return certify(x, norms, cand_d, cand_j)
+    *out, scans = certify(x, norms, cand_d, cand_j)
+    return (*out, _stats(str(x.dtype).replace("torch.", ""), 0, scans))
 
 
 @OP.register("cuda", devices=("cuda",), dtypes=_IN)
-def _cuda(x):
+def _cuda(x, allow_bf16):
     def screen(xc, norms, cand_d, cand_j):
         with torch.cuda.device(xc.device):
             cuda_kernels().knn2_screen(xc.data_ptr(), _dtypes.code(xc.dtype), xc.shape[0], xc.shape[1],
@@ -148,25 +155,29 @@ def _cuda(x):
 
 
 @OP.register("triton", devices=("cpu", "cuda"), dtypes=_IN)
-def _triton(x):
+def _triton(x, allow_bf16):
     from ..kernels.knn2 import knn2_screen
 
     return _screened(x, knn2_screen)
 
 
-def knn2(x: torch.Tensor, *, backend: str | None = None, return_fallbacks: bool = False):
+def knn2(x: torch.Tensor, *, backend: str | None = None, screen: str = "auto", return_stats: bool = False):
     """Two nearest neighbours of every row of ``x``, self excluded, exactly.
 
     Args:
         x: ``(n, d)`` float32/float64 tensor (any strides), n >= 3, finite.
         backend: force ``"reference" | "cpu" | "cuda" | "triton"``.
-        return_fallbacks: also return how many rows needed the exact scan (diagnostics).
+        screen: ``"auto"`` lets the CPU kernel screen float32 data in bfloat16 where the CPU
+            has AVX512-BF16 (the answer stays exact: certified, else re-screened in float32,
+            else scanned); ``"native"`` screens in the input precision.
+        return_stats: also return ``{"screen", "rescreened", "exact_scans"}``: the screen's
+            precision and how many rows needed a float32 re-screen or an exact scan.
 
     Returns:
         ``(r1sq, r2sq, idx1, idx2)``: ``(n,)`` float64 squared distances to the nearest and
         second-nearest other row (``r1sq <= r2sq``, exact float64 sums of squared
         differences, so duplicates give exactly 0) and their ``(n,)`` int64 indices; ties go
-        to the lower index. With ``return_fallbacks``, a fifth item (int).
+        to the lower index. With ``return_stats``, the stats dict as a fifth item.
 
     Example:
         >>> import torch, hierfast.ops as ops
@@ -186,8 +197,10 @@ def knn2(x: torch.Tensor, *, backend: str | None = None, return_fallbacks: bool 
         raise ValueError(f"x has n={n} rows; two nearest neighbours need n >= 3")
     if d < 1:
         raise ValueError("x has no features (d=0)")
+    if screen not in ("auto", "native"):
+        raise ValueError(f"screen must be 'auto' or 'native', got {screen!r}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf; distances to such rows are undefined — drop or fix those rows")
     impl = OP.select((x,), backend)
-    *out, fallbacks = impl.fn(x)
-    return (*out, fallbacks) if return_fallbacks else tuple(out)
+    *out, stats = impl.fn(x, screen == "auto")
+    return (*out, stats) if return_stats else tuple(out)

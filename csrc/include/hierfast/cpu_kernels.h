@@ -47,11 +47,13 @@ namespace hierfast::cpu {
 
 // Two nearest neighbours of every row of x (n x d, element strides s0, s1; float32 or
 // float64), self excluded, without storing the n x n distances (csrc/cpu/knn2.cpp).
-// A centred screen in the input precision keeps 4 candidates per row; their exact float64
-// squared distances (sum of squared differences) are certified against a rounding bound,
-// and uncertified rows get an exact scan. Writes r1sq <= r2sq (n float64 each) and idx1,
-// idx2 (n int64); ties -> lower index. Returns the number of rows that needed the scan.
-int64_t knn2(const void* x, DType dtype, int64_t n, int64_t d, int64_t s0, int64_t s1, double* r1sq,
-             double* r2sq, int64_t* idx1, int64_t* idx2);
+// A centred screen (input precision, or bfloat16 on AVX512-BF16 CPUs when allow_bf16) keeps
+// candidates per row; their exact float64 squared distances (sum of squared differences) are
+// certified against a rounding bound; uncertified rows get a float32 screen of their own
+// (bfloat16 path) and then an exact scan. Writes r1sq <= r2sq (n float64 each) and idx1,
+// idx2 (n int64); ties -> lower index. stats (3 int64): bfloat16 screen used (0/1), rows
+// re-screened in float32, rows exactly scanned.
+void knn2(const void* x, DType dtype, int64_t n, int64_t d, int64_t s0, int64_t s1, double* r1sq,
+          double* r2sq, int64_t* idx1, int64_t* idx2, bool allow_bf16, int64_t* stats);
 
 }  // namespace hierfast::cpu

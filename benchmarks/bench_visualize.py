@@ -8,7 +8,7 @@ Workloads (fixed seeds):
   costs are constant, so the ratio carries over). Baseline: the same parameterisation and
   transforms, one channel at a time, full-model forward per step (how torch-lucent is used).
   Quick mode: 16 channels.
-- ``top-k``: ``top_activating`` over 2 000 (quick: 400) 64x64 random images, batches of 100,
+- ``top-k``: ``top_activating`` over 10 000 (quick: 400) 64x64 random images, batches of 100,
   all channels of 4 layers, vs plain ``inference_mode`` forward over the same batches.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def run(quick: bool = False) -> list[dict]:
                     ratio=t_base["median"] / t["median"], note="same parameterisation/transforms"))
 
     # top-activating search vs plain inference
-    n_img = 400 if quick else 2000
+    n_img = 400 if quick else 10_000
     g = torch.Generator().manual_seed(1234)
     data = [torch.randn(100, 3, 64, 64, generator=g) for _ in range(n_img // 100)]
     layers = ["stem.2", "layer1", "layer2", "layer3"]

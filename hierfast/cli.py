@@ -20,7 +20,8 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, progress=not args.no_progress)
+    return run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, progress=not args.no_progress,
+                    restart=args.restart)
 
 
 def _find_benchmarks() -> Path | None:
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--seed", type=int, default=0)
     pd.add_argument("--device", default=None, help="torch device for the analysis (default cpu)")
     pd.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pd.add_argument("--restart", action="store_true",
+                    help="retrain even if OUT/checkpoint/trained.pt holds this configuration's training")
     pd.set_defaults(func=_cmd_demo)
     pb = sub.add_parser("bench", help="run the benchmarks (source checkout) and print one table")
     pb.add_argument("names", nargs="*", metavar="NAME",
@@ -117,5 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = {"demo": "; run the same command again to resume from its checkpoint",
+                "analyze": "; with --checkpoint PATH, the same command continues from it"}
+        print("interrupted" + hint.get(getattr(args, "command", ""), ""), file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ file), the PNG figures and ``results.json`` are written to ``--out``.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from collections import OrderedDict
@@ -102,19 +103,77 @@ def format_matrix(m, rows, cols) -> str:
     return "\n".join(lines)
 
 
+CHECKPOINT = Path("checkpoint") / "trained.pt"
+
+
+def _writable(out: Path) -> str | None:
+    """None if ``out`` can be created and written, else the reason."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".hierfast-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a run killed mid-write leaves the previous checkpoint (or none), never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, *, seed: int, quick: bool) -> dict | None:
+    """The saved training of the same configuration, or None (missing, other seed/mode, unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign file: retrain rather than fail
+        print(f"hierfast demo: ignoring unreadable checkpoint {path} ({type(e).__name__}); retraining",
+              file=sys.stderr)
+        return None
+    if state.get("format") != 1 or state.get("seed") != seed or state.get("quick") != quick:
+        return None
+    return state
+
+
 def run_demo(out: str | Path = "hierfast-demo", *, quick: bool = False, seed: int = 0, device: str | None = None,
-             progress: bool = True) -> int:
-    """Train, measure, report. Returns the exit code (0)."""
+             progress: bool = True, restart: bool = False) -> int:
+    """Train, measure, report. Returns the exit code (0; 2 when ``out`` is not writable).
+
+    The trained weights are checkpointed to ``out/checkpoint/trained.pt`` right after training;
+    running the same command again (same seed and mode) resumes from them and skips training,
+    so an interrupted run loses nothing already done. ``restart=True`` retrains."""
     from .demo_analysis import measure
     from .report import write_report
 
     t0 = time.perf_counter()
+    out = Path(out)
+    reason = _writable(out)
+    if reason is not None:
+        print(f"hierfast demo: cannot write to {out} ({reason}); pass --out with a writable directory",
+              file=sys.stderr)
+        return 2
     torch.manual_seed(seed)
     dev = torch.device(device) if device else torch.device("cpu")
     x_tr, y_tr, x_te, y_te = load_digits_split(seed)
     model = make_demo_cnn()
     initial = copy.deepcopy(model)
-    train(model, x_tr, y_tr, epochs=3 if quick else 8, seed=seed, progress=progress)
+    ckpt = out / CHECKPOINT
+    saved = None if restart else _load_checkpoint(ckpt, seed=seed, quick=quick)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        initial.load_state_dict(saved["initial"])
+        model.eval()
+        print(f"resumed from {ckpt}: training skipped (pass --restart to retrain)")
+    else:
+        train(model, x_tr, y_tr, epochs=3 if quick else 8, seed=seed, progress=progress)
+        _save_checkpoint(ckpt, {"format": 1, "seed": seed, "quick": quick, "model": model.state_dict(),
+                                "initial": initial.state_dict()})
     acc = accuracy(model, x_te, y_te)
     t_train = time.perf_counter() - t0
     model.to(dev)

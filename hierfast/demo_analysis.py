@@ -32,27 +32,38 @@ def _side(v, side: str):
 
 
 def measure(trained: nn.Module, initial: nn.Module, x: torch.Tensor, y: torch.Tensor, *, layers: list[str],
-            quick: bool = False, seed: int = 0, progress: bool = True, batch: int = 60) -> dict:
+            quick: bool = False, seed: int = 0, progress: bool = True, batch: int = 60,
+            transforms: dict | None = None, n_classes: int = 10, sparsity: bool = True) -> dict:
     """Analysis dict (:mod:`hierfast.report.schema`) of ``trained``, with ``initial`` as the
     reference: one pass for trained x initial (CKA between the two, and every other statistic
-    for both networks), one pass for the trained network's layer x layer CKA."""
+    for both networks), one pass for the trained network's layer x layer CKA.
+
+    ``x`` is ``(N, ...)`` inputs (images, or token ids for the text demo), ``y`` ``(N,)``
+    labels; ``transforms`` the invariance families (default: :func:`demo_transforms`);
+    ``sparsity=False`` skips the fraction of active units (meaningless after LayerNorm)."""
     data = _batches(x, y, batch)
-    stats = {"cka": {}, "sparsity": {}, "invariance": {"transforms": demo_transforms(quick, seed)},
+    stats = {"cka": {}, "invariance": {"transforms": transforms or demo_transforms(quick, seed)},
              "dimension": {"resamples": 3 if quick else 10, "seed": seed},
-             "probe": {"seed": seed, "n_classes": 10, "test_fraction": 0.3, "max_dim": 256 if quick else 512}}
+             "probe": {"seed": seed, "n_classes": n_classes, "test_fraction": 0.3,
+                       "max_dim": 256 if quick else 512}}
+    if sparsity:
+        stats["sparsity"] = {}
     both = analyze(trained, data, layers=layers, compare_to=initial, stats=stats, progress=progress)
     within = analyze(trained, data, layers=layers, stats=("cka",), progress=progress)
     probe = _side(both.probe, "a")
-    return {
+    out = {
         "layers": list(within.layers),
         "cka": within.cka,
         "cka_vs_reference": both.cka,
         "reference_name": "initialisation",
-        "sparsity": _side(both.sparsity, "a"),
         "invariance": _side(both.invariance, "a"),
         "probe": {k: probe[k] for k in ("accuracy", "control", "selectivity", "chance")},
         "dimension": {k: v for k, v in _side(both.dimension, "a").items() if k != "effective_rank"},
         "reference": {"invariance": _side(both.invariance, "b"), "probe": _side(both.probe, "b"),
-                      "sparsity": _side(both.sparsity, "b"), "dimension": _side(both.dimension, "b")},
+                      "dimension": _side(both.dimension, "b")},
         "n_samples": within.n_samples,
     }
+    if sparsity:
+        out["sparsity"] = _side(both.sparsity, "a")
+        out["reference"]["sparsity"] = _side(both.sparsity, "b")
+    return out

@@ -44,9 +44,15 @@ def probe_rises(analysis: dict) -> dict:
             "values": {"first": float(a[0]), "last": float(a[-1]), "spearman": rho}}
 
 
-def translation_invariance_rises(analysis: dict, transform: str = "translate") -> dict:
-    name = "translation_invariance_rises"
-    statement = "Invariance to small translations is higher in the top layers than in the bottom layers."
+def translation_invariance_rises(analysis: dict, transform: str | None = None) -> dict:
+    """Invariance at the smallest magnitude, top third vs bottom third of the layers. The
+    transform is ``translate`` unless the analysis names another in
+    ``analysis["invariance_pattern"] = {"transform": key, "label": "words"}`` (token models)."""
+    spec = analysis.get("invariance_pattern") or {}
+    transform = transform or spec.get("transform", "translate")
+    label = spec.get("label", "small translations")
+    name = "translation_invariance_rises" if transform == "translate" else f"{transform}_invariance_rises"
+    statement = f"Invariance to {label} is higher in the top layers than in the bottom layers."
     curve = analysis.get("invariance", {}).get(transform)
     if curve is None:
         return {"name": name, "holds": None, "statement": statement, "evidence": "not measured"}

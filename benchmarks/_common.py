@@ -149,11 +149,55 @@ def _fmt_num(x: float, fmt: str) -> str:
     return "—" if x is None or not math.isfinite(x) else format(x, fmt)
 
 
+# Dense peak rates (FLOP/s, tensor cores where the dtype has them; float32 = plain FMA) and
+# HBM bandwidth (B/s) from the vendors' datasheets, matched by substring of the device name.
+DEVICE_PEAKS = {
+    "H200": {"bandwidth": 4.8e12, "torch.bfloat16": 989e12, "torch.float16": 989e12, "torch.float32": 67e12},
+    "H100 PCIe": {"bandwidth": 2.0e12, "torch.bfloat16": 756e12, "torch.float16": 756e12, "torch.float32": 51e12},
+    "H100": {"bandwidth": 3.35e12, "torch.bfloat16": 989e12, "torch.float16": 989e12, "torch.float32": 67e12},
+    "A100": {"bandwidth": 2.0e12, "torch.bfloat16": 312e12, "torch.float16": 312e12, "torch.float32": 19.5e12},
+}
+
+
+def device_peaks(name: str) -> dict | None:
+    """The :data:`DEVICE_PEAKS` entry whose key occurs in ``name`` (first match), else None."""
+    for key, peaks in DEVICE_PEAKS.items():
+        if key in name:
+            return peaks
+    return None
+
+
+def roofline_fraction(r: dict, peaks: dict | None) -> float:
+    """Lower bound of the row's time (max of flops/peak and bytes/bandwidth, from the row's
+    ``flops``, ``bytes``, ``dtype``) over its measured time: 1.0 = at the roofline. NaN when
+    the row or the device lacks what it needs."""
+    if not peaks or "flops" not in r or "bytes" not in r or not math.isfinite(r.get("time_s", math.nan)):
+        return math.nan
+    peak = peaks.get(str(r.get("dtype")))
+    if peak is None:
+        return math.nan
+    return max(r["flops"] / peak, r["bytes"] / peaks["bandwidth"]) / r["time_s"]
+
+
+def add_roofline(rows: list[dict], device_name: str) -> bool:
+    """Sets ``row["roofline"]`` for every row that can have one; returns whether any did."""
+    peaks = device_peaks(device_name)
+    any_set = False
+    for r in rows:
+        f = roofline_fraction(r, peaks)
+        if math.isfinite(f):
+            r["roofline"] = f
+            any_set = True
+    return any_set
+
+
 def format_table(rows: list[dict], markdown: bool = False, note_width: int = 70) -> str:
-    """One table: workload | provider | median time (min-max, repeats) | ratio | max dev | GFLOP/s | note.
-    Notes longer than ``note_width`` become numbered footnotes under the table."""
+    """One table: workload | provider | median time (min-max, repeats) | ratio | max dev | GFLOP/s |
+    [fraction of the roofline bound, when any row has one] | note. Notes longer than
+    ``note_width`` become numbered footnotes under the table."""
+    roof = any("roofline" in r for r in rows)
     cols = ["workload", "provider", "median time (min–max, reps)", "× vs baseline", "max abs dev vs f64",
-            "GFLOP/s", "notes"]
+            "GFLOP/s"] + (["of roofline"] if roof else []) + ["notes"]
     body, foot = [], []
     for r in rows:
         t = _fmt_time(r["time_s"])
@@ -164,7 +208,9 @@ def format_table(rows: list[dict], markdown: bool = False, note_width: int = 70)
             foot.append(note)
             note = f"[{len(foot)}]"
         body.append([r["workload"], r["provider"], t, _fmt_num(r["ratio"], ".2f"), _fmt_num(r["max_dev"], ".1e"),
-                     _fmt_num(r.get("gflops", math.nan), ".0f"), note])
+                     _fmt_num(r.get("gflops", math.nan), ".0f")]
+                    + ([_fmt_num(100 * r.get("roofline", math.nan), ".0f") + ("%" if "roofline" in r else "")]
+                       if roof else []) + [note])
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body]

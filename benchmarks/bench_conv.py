@@ -71,6 +71,16 @@ def _flops(layer, n):
     return 2 * n * oh * oh * cout * (cin // g) * k * k
 
 
+def _min_bytes(layer, n, dtype, mode):
+    """Least memory traffic of the layer (bytes): forward reads x and w and writes y; a training
+    step also reads grad_y, x, w and y (the activation's gradient) and writes grad_x and grad_w."""
+    _, cin, cout, k, s, p, g, h = layer
+    oh = (h + 2 * p - k) // s + 1
+    x, y, w = n * cin * h * h, n * cout * oh * oh, cout * (cin // g) * k * k
+    elems = x + w + y if mode == "fwd" else (x + w + y) + (y + x + w + y) + (x + w)
+    return elems * torch.tensor([], dtype=dtype).element_size()
+
+
 def _rel_dev(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).abs().max() / ref.abs().max()).item()
 
@@ -148,7 +158,8 @@ def run(quick: bool = False) -> list[dict]:
                     note = f"compile {compile_fwd_s:.0f} s (fwd, first call)" if prov == "torch.compile" \
                         and mode == "fwd" else ""
                     rows.append(row(wl, prov, t, max_dev=dev, note=note, layer=name, act=act, mode=mode,
-                                    gflops=flops / t["median"] / 1e9))
+                                    gflops=flops / t["median"] / 1e9, flops=flops, dtype=str(dtype),
+                                    bytes=_min_bytes(layer, n, dtype, mode)))
                 base = results["eager conv+act"]["median"]
                 for r in rows[-3:]:
                     r["ratio"] = base / r["time_s"]

@@ -26,6 +26,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import _common  # noqa: E402
+import torch  # noqa: E402
 
 
 def available() -> list[str]:
@@ -60,6 +61,9 @@ def main(argv=None) -> int:
         rows += r
         if hasattr(mod, "summary"):
             notes += mod.summary(r)
+    if torch.cuda.is_available() and _common.add_roofline(rows, torch.cuda.get_device_name()):
+        head.append("of roofline: lower bound max(FLOPs / peak, bytes / bandwidth) over the measured time, "
+                    "peaks from benchmarks/_common.py DEVICE_PEAKS")
     print("\n".join(head))
     print(f"wall time of the run: {time.perf_counter() - t0:.0f} s\n")
     print(_common.format_table(rows, markdown=args.markdown))

@@ -2,6 +2,10 @@
 // (tensor.data_ptr()), element strides and dtype codes; Python validates them.
 #include <omp.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <vector>
 
 #include "hierfast/cpu_kernels.h"
 
@@ -73,6 +77,17 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("s0"), py::arg("s1"),
       py::arg("r1sq"), py::arg("r2sq"), py::arg("idx1"), py::arg("idx2"), py::arg("allow_bf16"));
+  m.def(
+      "dw_conv_act_backward",
+      [](uintptr_t grad_y, uintptr_t saved, uintptr_t x, uintptr_t w, uintptr_t grad_x, uintptr_t grad_w,
+         uintptr_t grad_b, int dtype, std::vector<int64_t> geometry, int act_code, double alpha, bool want_x) {
+        if (geometry.size() != 14) throw std::invalid_argument("dw_conv_act_backward: geometry needs 14 values");
+        py::gil_scoped_release nogil;
+        hierfast::cpu::dw_conv_act_backward(ptr<const void>(grad_y), ptr<const void>(saved), ptr<const void>(x),
+                                            ptr<const void>(w), ptr<void>(grad_x), ptr<double>(grad_w),
+                                            ptr<double>(grad_b), DType(dtype), geometry.data(), act_code, alpha,
+                                            want_x);
+      });
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
   m.def(
       "channel_topk",

@@ -204,10 +204,42 @@ def forward(x, w, b, p: ConvArgs, act: A.Activation, *, keep: bool = False, stat
     return impl.fn(x, w, b, p, act, keep, stats)
 
 
+def _depthwise_fusable(gy, x, w, saved, p: ConvArgs) -> bool:
+    """The fused CPU depthwise backward (csrc/cpu/dw_conv_backward.cpp) applies: one filter per
+    channel, channels a multiple of 16, float32 channels_last tensors, unit stride, a 3x3 or
+    5x5 filter (MobileNet/EfficientNet's depthwise layers). Anything else keeps the unfused path."""
+    cl = torch.channels_last
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and gy.dtype == w.dtype == saved.dtype == torch.float32
+            and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
+            and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5) and tuple(p.stride) == (1, 1)
+            and x.is_contiguous(memory_format=cl) and saved.is_contiguous(memory_format=cl))
+
+
+def _depthwise_backward_cpu(gy, x, w, saved, p: ConvArgs, act: A.Activation, want_x: bool):
+    """Fused activation + depthwise conv backward (csrc/cpu/dw_conv_backward.cpp): ``(gx, gw, gb)``."""
+    gy = gy.contiguous(memory_format=torch.channels_last)
+    n, c, h, wd = x.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    gx = torch.empty_like(x, memory_format=torch.channels_last) if want_x else None
+    gw = torch.empty(w.shape, dtype=torch.float64)
+    gb = torch.empty(c, dtype=torch.float64)
+    geometry = [n, c, h, wd, oh, ow, w.shape[2], w.shape[3], *p.stride, *p.padding, *p.dilation]
+    wc = w.contiguous()
+    cpu_kernels().dw_conv_act_backward(gy.data_ptr(), saved.data_ptr(), x.data_ptr(), wc.data_ptr(),
+                                       0 if gx is None else gx.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+                                       _dtypes.code(x.dtype), geometry, act.code, act.alpha, want_x)
+    return gx, gw.to(w.dtype), gb
+
+
 def backward(gy, x, w, saved, p: ConvArgs, act: A.Activation, mask, *, backend=None):
     """Gradients ``(gx, gw, gb)`` (None where ``mask`` is False) of ``y = act(conv(x, w) + b)``."""
     want_x, want_w, want_b = mask
     impl = ACT_GRAD.select((gy, saved), backend if backend != "triton" else None)
+    if impl.backend == "cpu" and _depthwise_fusable(gy, x, w, saved, p):
+        # one pass instead of activation grad + conv backward (the weight and bias sums come free)
+        gx, gw, gb = _depthwise_backward_cpu(gy, x, w, saved, p, act, want_x)
+        return gx, (gw if want_w else None), (gb.to(gy.dtype) if want_b else None)
     gz, gb = impl.fn(gy, saved, act, want_b)
     gx = gw = None
     if want_x or want_w:

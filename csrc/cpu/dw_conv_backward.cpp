@@ -1,0 +1,175 @@
+// CPU backward of a depthwise conv + bias + activation, fused (channels_last, float32, one
+// filter per channel, unit stride, 3x3 or 5x5 filters, channels a multiple of 16).
+//
+// Task = (image n, block of 16 channels = one 512-bit vector). Per task:
+// 1. grad_z = grad_y * act'(saved) for the block, into a zero-haloed scratch image (the bias
+//    gradient is summed on the way);
+// 2. one pass over the input pixels in gather form: with g = the haloed grad_z,
+//      grad_x[ih, iw]  = sum_t w[t] * g[ih + ph - kh*dh, iw + pw - kw*dw]
+//      grad_w[t]      += x[ih, iw] * g[same]
+//    The filter taps' weights and weight-gradient sums stay in registers; each grad_x element
+//    is written once, with no bounds checks (the halo is zero). Per pixel and 16 channels:
+//    2 * taps FMAs, taps + 1 loads, 1 store.
+// The unfused path writes grad_z to memory, reads it back, and runs torch's convolution
+// backward. Activation math: csrc/include/hierfast/act.h.
+#pragma GCC optimize("no-trapping-math")
+#include <omp.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "hierfast/act.h"
+#include "hierfast/cpu_kernels.h"
+
+namespace hierfast::cpu {
+namespace {
+
+constexpr int kLanes = 16;  // float32 channels per task (one 512-bit vector)
+
+struct Geometry {
+  int64_t N, C, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
+};
+
+// grad_z of one (image, channel block) into g (GH x GW x kLanes, zero halo), bias sums to gb.
+template <int A>
+HIERFAST_SIMD_CLONES void fill_grad_z(const float* __restrict__ gy, const float* __restrict__ saved,
+                                      float* __restrict__ g, float* __restrict__ gb, const Geometry& q,
+                                      int64_t n, int64_t c0, int64_t r0, int64_t col0, int64_t GW, float alpha) {
+  for (int64_t oh = 0; oh < q.OH; ++oh) {
+    float* grow = g + ((oh - r0) * GW - col0) * kLanes;
+    for (int64_t ow = 0; ow < q.OW; ++ow) {
+      const int64_t o = ((n * q.OH + oh) * q.OW + ow) * q.C + c0;
+      float* d = grow + ow * kLanes;
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = gy[o + l] * act::derivative<float>(A, saved[o + l], alpha);
+        d[l] = v;
+        gb[l] += v;
+      }
+    }
+  }
+}
+
+// The gather pass for one (image, channel block): grad_x (when want_x) and the weight sums.
+// off[t] = element offset of tap t in g relative to the pixel's own position.
+template <int TAPS>
+HIERFAST_SIMD_CLONES void gather(const float* __restrict__ x, const float* __restrict__ g,
+                                 const float* __restrict__ wv, float* __restrict__ gx, float* __restrict__ gw,
+                                 const int64_t* __restrict__ off, const Geometry& q, int64_t n, int64_t c0,
+                                 int64_t GW, int64_t base_r, int64_t base_c, bool want_x) {
+  float acc[TAPS][kLanes] = {};
+  float w[TAPS][kLanes];
+  for (int t = 0; t < TAPS; ++t)
+    for (int l = 0; l < kLanes; ++l) w[t][l] = wv[t * kLanes + l];
+  for (int64_t ih = 0; ih < q.H; ++ih) {
+    const float* grow = g + ((ih + base_r) * GW + base_c) * kLanes;
+    for (int64_t iw = 0; iw < q.W; ++iw) {
+      const int64_t i = ((n * q.H + ih) * q.W + iw) * q.C + c0;
+      const float* gp = grow + iw * kLanes;
+      float sx[kLanes] = {};
+      const float* xi = x + i;
+#pragma GCC unroll 25
+      for (int t = 0; t < TAPS; ++t) {
+        const float* gt = gp + off[t];
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          acc[t][l] += xi[l] * gt[l];
+          sx[l] += w[t][l] * gt[l];
+        }
+      }
+      if (want_x) {
+        float* o = gx + i;
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) o[l] = sx[l];
+      }
+    }
+  }
+  for (int t = 0; t < TAPS; ++t)
+    for (int l = 0; l < kLanes; ++l) gw[t * kLanes + l] = acc[t][l];
+}
+
+template <int A, int TAPS>
+void run(const float* gy, const float* saved, const float* x, const float* w, float* gx, double* gw_out,
+         double* gb_out, const Geometry& q, float alpha, bool want_x) {
+  const int64_t C = q.C, blocks = C / kLanes, tasks = q.N * blocks;
+  // Haloed grad_z coordinates: rows r = ih + ph - kh*dh over all ih, kh (columns alike), so
+  // the buffer spans [r0, r1] x [col0, col1] and holds zeros outside the output.
+  const int64_t r0 = std::min<int64_t>(0, q.ph - (q.KH - 1) * q.dh), r1 = std::max<int64_t>(q.OH - 1, q.H - 1 + q.ph);
+  const int64_t col0 = std::min<int64_t>(0, q.pw - (q.KW - 1) * q.dw), col1 = std::max<int64_t>(q.OW - 1, q.W - 1 + q.pw);
+  const int64_t GH = r1 - r0 + 1, GW = col1 - col0 + 1;
+  std::vector<int64_t> off(TAPS);
+  for (int64_t kh = 0; kh < q.KH; ++kh)
+    for (int64_t kw = 0; kw < q.KW; ++kw) off[kh * q.KW + kw] = (-kh * q.dh * GW - kw * q.dw) * kLanes;
+  // weights by block: [block][tap][lane]
+  std::vector<float> wv(blocks * TAPS * kLanes);
+  for (int64_t c = 0; c < C; ++c)
+    for (int t = 0; t < TAPS; ++t) wv[((c / kLanes) * TAPS + t) * kLanes + c % kLanes] = w[c * TAPS + t];
+  std::vector<float> parts(tasks * (TAPS + 1) * kLanes, 0.f);
+#pragma omp parallel
+  {
+    std::vector<float> g(GH * GW * kLanes);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < tasks; ++k) {
+      const int64_t n = k / blocks, b = k % blocks, c0 = b * kLanes;
+      std::fill(g.begin(), g.end(), 0.f);
+      float* part = parts.data() + k * (TAPS + 1) * kLanes;
+      fill_grad_z<A>(gy, saved, g.data(), part + TAPS * kLanes, q, n, c0, r0, col0, GW, alpha);
+      // pixel (ih, iw) sits at buffer row ih + ph - r0, column iw + pw - col0
+      gather<TAPS>(x, g.data(), wv.data() + b * TAPS * kLanes, gx, part, off.data(), q, n, c0, GW, q.ph - r0,
+                   q.pw - col0, want_x);
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t b = c / kLanes, l = c % kLanes;
+    for (int t = 0; t <= TAPS; ++t) {
+      double s = 0.0;
+      for (int64_t n = 0; n < q.N; ++n) s += (double)parts[((n * blocks + b) * (TAPS + 1) + t) * kLanes + l];
+      if (t < TAPS) gw_out[c * TAPS + t] = s;
+      else gb_out[c] = s;
+    }
+  }
+}
+
+template <int TAPS>
+void by_act(int code, const float* gy, const float* s, const float* x, const float* w, float* gx, double* gw,
+            double* gb, const Geometry& q, float alpha, bool want_x) {
+  switch (code) {
+    case act::kIdentity: return run<act::kIdentity, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kReLU: return run<act::kReLU, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kReLU6: return run<act::kReLU6, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kLeakyReLU: return run<act::kLeakyReLU, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kGELU: return run<act::kGELU, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kGELUTanh: return run<act::kGELUTanh, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kSiLU: return run<act::kSiLU, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kHardswish: return run<act::kHardswish, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kSigmoid: return run<act::kSigmoid, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kTanh: return run<act::kTanh, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    case act::kMish: return run<act::kMish, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+  }
+  throw std::invalid_argument("dw_conv_act_backward: unknown activation code");
+}
+
+}  // namespace
+
+void dw_conv_act_backward(const void* grad_y, const void* saved, const void* x, const void* w, void* grad_x,
+                          double* grad_w, double* grad_b, DType dtype, const int64_t* geometry, int act_code,
+                          double alpha, bool want_x) {
+  const int64_t* v = geometry;
+  const Geometry q{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13]};
+  if (dtype != DType::kFloat32)
+    throw std::invalid_argument(std::string("dw_conv_act_backward: float32 only, got ") + dtype_name(dtype));
+  if (q.C % kLanes != 0 || q.sh != 1 || q.sw != 1 || q.KH != q.KW || (q.KH != 3 && q.KH != 5))
+    throw std::invalid_argument("dw_conv_act_backward: needs C % 16 == 0, unit stride and a 3x3 or 5x5 filter");
+  const auto* gy = static_cast<const float*>(grad_y);
+  const auto* s = static_cast<const float*>(saved);
+  const auto* xx = static_cast<const float*>(x);
+  const auto* ww = static_cast<const float*>(w);
+  auto* gx = static_cast<float*>(grad_x);
+  if (q.KH == 3) return by_act<9>(act_code, gy, s, xx, ww, gx, grad_w, grad_b, q, (float)alpha, want_x);
+  return by_act<25>(act_code, gy, s, xx, ww, gx, grad_w, grad_b, q, (float)alpha, want_x);
+}
+
+}  // namespace hierfast::cpu

@@ -116,6 +116,9 @@ def run(quick: bool = False) -> list[dict]:
     budget = 0.5 if quick else 2.5
     kw = dict(budget_s=budget, min_repeats=2 if quick else 5, max_repeats=5 if quick else 25, device=device)
     layers = LAYERS[:1] + LAYERS[4:5] if quick else LAYERS
+    only = os.environ.get("HIERFAST_CONV_LAYERS")  # e.g. "dw3x3": the layers whose name contains it
+    if only:
+        layers = [layer for layer in layers if only in layer[0]]
     rows = []
     for layer in layers:
         name = layer[0]

@@ -1,0 +1,66 @@
+"""Training step of one depthwise layer: eager conv + activation vs hierfast's Conv2dAct with
+the fused depthwise backward, and with it switched off (the unfused backward), interleaved.
+
+    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=1000000000 \\
+        python benchmarks/dw_training_step.py
+
+(the glibc settings keep freed memory, so no provider page-faults its fresh tensors each step;
+see BENCHMARKS.md "Fused depthwise backward").
+"""
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import hierfast.ops.conv_act as ops
+from hierfast.nn import Conv2dAct
+
+ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def main(steps: int = 40) -> None:
+    torch.set_num_threads(2)
+    for c, h in [(32, 112), (144, 56)]:
+        for act in ACTS:
+            torch.manual_seed(0)
+            conv = nn.Conv2d(c, c, 3, 1, 1, groups=c)
+            eager = nn.Sequential(conv, ACTS[act]())
+            fused = Conv2dAct.from_conv(conv, act)
+            x = torch.randn(8, c, h, h).to(memory_format=torch.channels_last).requires_grad_()
+            gy = torch.randn(8, c, h, h).contiguous(memory_format=torch.channels_last)
+
+            def step(m):
+                def f():
+                    for p in m.parameters():
+                        p.grad = None
+                    x.grad = None
+                    m(x).backward(gy)
+                return f
+
+            real = ops._depthwise_fusable
+
+            def unfused():
+                ops._depthwise_fusable = lambda *a: False
+                try:
+                    step(fused)()
+                finally:
+                    ops._depthwise_fusable = real
+
+            fns = {"eager": step(eager), "hierfast": step(fused), "hierfast-unfused-bwd": unfused}
+            times = {k: [] for k in fns}
+            for _ in range(3):
+                for f in fns.values():
+                    f()
+            for _ in range(steps):
+                for k, f in fns.items():
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            print(f"dw{c}@{h} {act}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+                  + f" | hierfast vs eager {med['eager'] / med['hierfast']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -266,20 +266,7 @@ void backward_impl(const void* gv, const void* sv, void* gzv, int64_t N, int64_t
 // Runtime activation code -> template instance.
 template <DType D, template <DType, int> class F, typename... Args>
 void by_act(int code, Args... args) {
-  switch (code) {
-    case act::kIdentity: return F<D, act::kIdentity>::run(args...);
-    case act::kReLU: return F<D, act::kReLU>::run(args...);
-    case act::kReLU6: return F<D, act::kReLU6>::run(args...);
-    case act::kLeakyReLU: return F<D, act::kLeakyReLU>::run(args...);
-    case act::kGELU: return F<D, act::kGELU>::run(args...);
-    case act::kGELUTanh: return F<D, act::kGELUTanh>::run(args...);
-    case act::kSiLU: return F<D, act::kSiLU>::run(args...);
-    case act::kHardswish: return F<D, act::kHardswish>::run(args...);
-    case act::kSigmoid: return F<D, act::kSigmoid>::run(args...);
-    case act::kTanh: return F<D, act::kTanh>::run(args...);
-    case act::kMish: return F<D, act::kMish>::run(args...);
-  }
-  throw std::invalid_argument("conv_act: unknown activation code");
+  act::dispatch(code, "conv_act", [&](auto a) { F<D, decltype(a)::value>::run(args...); });
 }
 template <DType D, int A> struct Fwd {
   template <typename... Args> static void run(Args... a) { forward_impl<D, A>(a...); }

@@ -136,20 +136,9 @@ void run(const float* gy, const float* saved, const float* x, const float* w, fl
 template <int TAPS>
 void by_act(int code, const float* gy, const float* s, const float* x, const float* w, float* gx, double* gw,
             double* gb, const Geometry& q, float alpha, bool want_x) {
-  switch (code) {
-    case act::kIdentity: return run<act::kIdentity, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kReLU: return run<act::kReLU, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kReLU6: return run<act::kReLU6, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kLeakyReLU: return run<act::kLeakyReLU, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kGELU: return run<act::kGELU, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kGELUTanh: return run<act::kGELUTanh, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kSiLU: return run<act::kSiLU, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kHardswish: return run<act::kHardswish, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kSigmoid: return run<act::kSigmoid, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kTanh: return run<act::kTanh, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-    case act::kMish: return run<act::kMish, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
-  }
-  throw std::invalid_argument("dw_conv_act_backward: unknown activation code");
+  act::dispatch(code, "dw_conv_act_backward", [&](auto a) {
+    run<decltype(a)::value, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+  });
 }
 
 }  // namespace

@@ -9,6 +9,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if !defined(__CUDACC__)
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#endif
 
 #if defined(__CUDACC__)
 #define HF_HD __host__ __device__ __forceinline__
@@ -36,6 +41,29 @@ enum Code : int {
   kIdentity = 0, kReLU = 1, kReLU6 = 2, kLeakyReLU = 3, kGELU = 4, kGELUTanh = 5,
   kSiLU = 6, kHardswish = 7, kSigmoid = 8, kTanh = 9, kMish = 10
 };
+
+#if !defined(__CUDACC__)
+// Runtime activation code -> f(std::integral_constant<int, A>{}): each activation gets its
+// own instance of the caller's loops, with A a compile-time constant (so they vectorise).
+// `what` names the caller in the error for an unknown code.
+template <typename F>
+void dispatch(int code, const char* what, F&& f) {
+  switch (code) {
+    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
+    case kReLU: return f(std::integral_constant<int, kReLU>{});
+    case kReLU6: return f(std::integral_constant<int, kReLU6>{});
+    case kLeakyReLU: return f(std::integral_constant<int, kLeakyReLU>{});
+    case kGELU: return f(std::integral_constant<int, kGELU>{});
+    case kGELUTanh: return f(std::integral_constant<int, kGELUTanh>{});
+    case kSiLU: return f(std::integral_constant<int, kSiLU>{});
+    case kHardswish: return f(std::integral_constant<int, kHardswish>{});
+    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
+    case kTanh: return f(std::integral_constant<int, kTanh>{});
+    case kMish: return f(std::integral_constant<int, kMish>{});
+  }
+  throw std::invalid_argument(std::string(what) + ": unknown activation code");
+}
+#endif
 
 // Derivatives of these are computed from the activation's OUTPUT y (no extra tensor
 // saved: y is the op's result); the others need the pre-activation z.

@@ -17,6 +17,7 @@
 #include <stdexcept>
 
 #include "hierfast/cpu_kernels.h"
+#include "hierfast/topk_list.h"
 
 namespace hierfast::cpu {
 namespace {
@@ -58,21 +59,6 @@ HIERFAST_SIMD_CLONES RowScore row_mean(const typename Load<D>::T* __restrict__ r
   return {acc / (double)S, -1, acc != acc};  // NaN input, or +inf + -inf
 }
 
-// Insert into a list sorted by (value desc, index asc); ties go after existing entries.
-inline void insert(double* v, int64_t* id, int64_t* p, int64_t k, double score, int64_t index, int64_t arg) {
-  if (id[k - 1] >= 0 && v[k - 1] >= score) return;  // fast reject: list full, not better
-  int64_t j = 0;
-  while (j < k && id[j] >= 0 && v[j] >= score) ++j;
-  for (int64_t t = k - 1; t > j; --t) {
-    v[t] = v[t - 1];
-    id[t] = id[t - 1];
-    p[t] = p[t - 1];
-  }
-  v[j] = score;
-  id[j] = index;
-  p[j] = arg;
-}
-
 template <DType D>
 void impl(const typename Load<D>::T* x, int64_t B, int64_t C, int64_t S, int64_t sb, int64_t sc,
           int64_t ss, int64_t base, int64_t k, int mode, double* vals, int64_t* idx, int64_t* pos,
@@ -91,7 +77,7 @@ void impl(const typename Load<D>::T* x, int64_t B, int64_t C, int64_t S, int64_t
         ++bad[c];
         continue;
       }
-      insert(v, id, p, k, r.score, base + b, r.arg);
+      topk_insert(v, id, p, k, r.score, base + b, r.arg);
     }
   }
 }

@@ -8,14 +8,10 @@
 #include <string>
 
 #include "hierfast/cuda_kernels.h"
+#include "hierfast/cuda_load.cuh"
 
 namespace hierfast::cuda {
 namespace {
-
-__device__ __forceinline__ double ld(const float* p) { return (double)*p; }
-__device__ __forceinline__ double ld(const double* p) { return *p; }
-__device__ __forceinline__ double ld(const __half* p) { return (double)__half2float(*p); }
-__device__ __forceinline__ double ld(const __nv_bfloat16* p) { return (double)__bfloat162float(*p); }
 
 constexpr int kCols = 32, kRows = 8, kRowsPerBlock = 256;
 

@@ -11,14 +11,11 @@
 #include <string>
 
 #include "hierfast/cuda_kernels.h"
+#include "hierfast/cuda_load.cuh"
+#include "hierfast/topk_list.h"
 
 namespace hierfast::cuda {
 namespace {
-
-__device__ __forceinline__ double ld(const float* p) { return (double)*p; }
-__device__ __forceinline__ double ld(const double* p) { return *p; }
-__device__ __forceinline__ double ld(const __half* p) { return (double)__half2float(*p); }
-__device__ __forceinline__ double ld(const __nv_bfloat16* p) { return (double)__bfloat162float(*p); }
 
 constexpr int kThreads = 128;
 
@@ -76,18 +73,7 @@ __global__ void channel_topk_kernel(const T* __restrict__ x, int64_t B, int64_t 
       } else {
         const double score = mode == 0 ? sv[0] : sv[0] / (double)S;
         const int64_t a = mode == 0 ? sa[0] : -1;
-        if (!(id[k - 1] >= 0 && v[k - 1] >= score)) {
-          int64_t j = 0;
-          while (j < k && id[j] >= 0 && v[j] >= score) ++j;
-          for (int64_t t = k - 1; t > j; --t) {
-            v[t] = v[t - 1];
-            id[t] = id[t - 1];
-            p[t] = p[t - 1];
-          }
-          v[j] = score;
-          id[j] = base + b;
-          p[j] = a;
-        }
+        topk_insert(v, id, p, k, score, base + b, a);
       }
     }
     __syncthreads();  // shared buffers are reused by the next row

@@ -106,16 +106,19 @@ def format_matrix(m, rows, cols) -> str:
 CHECKPOINT = Path("checkpoint") / "trained.pt"
 
 
-def _writable(out: Path) -> str | None:
-    """None if ``out`` can be created and written, else the reason."""
+def check_out_dir(out: Path, command: str) -> bool:
+    """Create ``out`` and check it is writable; False (after a one-line error naming ``command``)
+    when not, so a run fails before any work rather than after it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".hierfast-write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        return e.strerror or str(e)
-    return None
+        print(f"{command}: cannot write to {out} ({e.strerror or e}); pass --out with a writable directory",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -153,10 +156,7 @@ def run_demo(out: str | Path = "hierfast-demo", *, quick: bool = False, seed: in
 
     t0 = time.perf_counter()
     out = Path(out)
-    reason = _writable(out)
-    if reason is not None:
-        print(f"hierfast demo: cannot write to {out} ({reason}); pass --out with a writable directory",
-              file=sys.stderr)
+    if not check_out_dir(out, "hierfast demo"):
         return 2
     torch.manual_seed(seed)
     dev = torch.device(device) if device else torch.device("cpu")

@@ -138,7 +138,7 @@ def run_text_demo(out: str | Path = "hierfast-demo-text", *, quick: bool = False
 
     Returns 0 (also when skipped because no model is installed: the message says how to get
     one), 2 when ``out`` is not writable or ``model_dir`` is not a model."""
-    from .demo import _writable
+    from .demo import check_out_dir
     from .demo_analysis import measure
     from .report import write_report
 
@@ -148,10 +148,7 @@ def run_text_demo(out: str | Path = "hierfast-demo-text", *, quick: bool = False
         print(f"hierfast demo --text: skipped: {why}", file=sys.stderr)
         return 2 if model_dir is not None else 0
     out = Path(out)
-    reason = _writable(out)
-    if reason is not None:
-        print(f"hierfast demo --text: cannot write to {out} ({reason}); pass --out with a writable directory",
-              file=sys.stderr)
+    if not check_out_dir(out, "hierfast demo --text"):
         return 2
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging

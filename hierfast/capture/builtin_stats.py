@@ -196,12 +196,7 @@ class ProbeStatistic:
         self.offset += n
 
     def compute(self):
-        out = {}
-        for side, acc in self.accs.items():
-            r = acc.compute()
-            r.pop("layers")
-            out[side] = r
-        return out["a"] if self.layers_b is None else out
+        return _compute_sides(self.accs)
 
     def state_dict(self) -> dict:
         return {"offset": self.offset, **{side: acc.state_dict() for side, acc in self.accs.items()}}
@@ -216,6 +211,17 @@ class ProbeStatistic:
         for acc in self.accs.values():
             acc.sync(group)
         return self
+
+
+def _compute_sides(accs: dict):
+    """Each side's accumulator result without its ``layers`` key (the engine names the layers):
+    the one result, or ``{"a": ..., "b": ...}`` with compare_to."""
+    out = {}
+    for side, acc in accs.items():
+        r = acc.compute()
+        r.pop("layers")
+        out[side] = r
+    return out["a"] if len(out) == 1 else out
 
 
 def _rank_offset() -> int:
@@ -251,12 +257,7 @@ class DimensionStatistic:
                 self.accs[side].update({k: feats[k] for k in self.layers[side]})
 
     def compute(self):
-        out = {}
-        for side, acc in self.accs.items():
-            r = acc.compute()
-            r.pop("layers")
-            out[side] = r
-        return out["a"] if len(out) == 1 else out
+        return _compute_sides(self.accs)
 
     def state_dict(self) -> dict:
         return {side: acc.state_dict() for side, acc in self.accs.items()}

@@ -314,24 +314,49 @@ Keep<double, 2> exact_scan(const Prepared<T>& P, int64_t i) {
   return best;
 }
 
+// Reference points packed for micro_tile: panels [panel][k][c] of the centred rows, and their
+// squared norms padded to whole panels with +inf (padding is never offered).
+template <typename T>
+struct Panels {
+  std::vector<T> packed, norms;
+};
+
+template <typename T>
+Panels<T> pack_panels(const Prepared<T>& P) {
+  const int64_t n = P.n, d = P.d, n_panels = (n + kCols - 1) / kCols;
+  Panels<T> out{std::vector<T>(n_panels * kCols * d, T(0)),
+                std::vector<T>(n_panels * kCols, std::numeric_limits<T>::infinity())};
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    T* pan = out.packed.data() + (i / kCols) * kCols * d + (i % kCols);
+    for (int64_t k = 0; k < d; ++k) pan[k * kCols] = P.xc[i * d + k];
+    out.norms[i] = (T)P.norms64[i];
+  }
+  return out;
+}
+
+// Query rows packed as micro-tiles [tile][k][r]: row a of the tiles is centred row row_of(a).
+template <typename T, typename RowOf>
+std::vector<T> pack_queries(const Prepared<T>& P, int64_t m, RowOf row_of) {
+  const int64_t d = P.d;
+  std::vector<T> qtiles((m + kRows - 1) / kRows * kRows * d, T(0));
+#pragma omp parallel for schedule(static)
+  for (int64_t a = 0; a < m; ++a) {
+    T* qt = qtiles.data() + (a / kRows) * kRows * d + (a % kRows);
+    const T* row = P.xc.data() + row_of(a) * d;
+    for (int64_t k = 0; k < d; ++k) qt[k * kRows] = row[k];
+  }
+  return qtiles;
+}
+
 // Screen in the working precision T (K = 4), symmetric over all rows.
 template <typename T>
 std::vector<Keep<T, 4>> screen_native(const Prepared<T>& P) {
-  const int64_t n = P.n, d = P.d;
-  const int64_t n_q = (n + kRows - 1) / kRows * kRows;
-  const int64_t n_panels = (n + kCols - 1) / kCols;
-  std::vector<T> qtiles(n_q * d, T(0));          // [tile][k][r]
-  std::vector<T> packed(n_panels * kCols * d, T(0));  // [panel][k][c]
-  std::vector<T> norms(n_panels * kCols, std::numeric_limits<T>::infinity());
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    T* qt = qtiles.data() + (i / kRows) * kRows * d + (i % kRows);
-    T* pan = packed.data() + (i / kCols) * kCols * d + (i % kCols);
-    for (int64_t k = 0; k < d; ++k) qt[k * kRows] = pan[k * kCols] = P.xc[i * d + k];
-    norms[i] = (T)P.norms64[i];
-  }
-  return screen_pairs<T, 4>(n, norms.data(), [&](int64_t qr, int64_t pnl, T* tile) {
-    micro_tile<T>(qtiles.data() + qr * d, packed.data() + pnl * kCols * d, d, tile);
+  const int64_t d = P.d;
+  const Panels<T> ref = pack_panels(P);
+  const std::vector<T> qtiles = pack_queries(P, P.n, [](int64_t a) { return a; });
+  return screen_pairs<T, 4>(P.n, ref.norms.data(), [&](int64_t qr, int64_t pnl, T* tile) {
+    micro_tile<T>(qtiles.data() + qr * d, ref.packed.data() + pnl * kCols * d, d, tile);
   });
 }
 
@@ -341,20 +366,8 @@ std::vector<Keep<float, 4>> screen_rows(const Prepared<float>& P, const std::vec
   const int64_t n = P.n, d = P.d, m = (int64_t)rows.size();
   const int64_t n_panels = (n + kCols - 1) / kCols;
   const int64_t m_q = (m + kRows - 1) / kRows * kRows;
-  const float inf = std::numeric_limits<float>::infinity();
-  std::vector<float> qtiles(m_q * d, 0.f), packed(n_panels * kCols * d, 0.f), norms(n_panels * kCols, inf);
-  std::vector<float> qnorms(m_q, inf);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    float* pan = packed.data() + (i / kCols) * kCols * d + (i % kCols);
-    for (int64_t k = 0; k < d; ++k) pan[k * kCols] = P.xc[i * d + k];
-    norms[i] = (float)P.norms64[i];
-  }
-  for (int64_t a = 0; a < m; ++a) {
-    float* qt = qtiles.data() + (a / kRows) * kRows * d + (a % kRows);
-    for (int64_t k = 0; k < d; ++k) qt[k * kRows] = P.xc[rows[a] * d + k];
-    qnorms[a] = (float)P.norms64[rows[a]];
-  }
+  const Panels<float> ref = pack_panels(P);
+  const std::vector<float> qtiles = pack_queries(P, m, [&](int64_t a) { return rows[a]; });
   std::vector<Keep<float, 4>> out(m);
   for (auto& o : out) o.clear();
 #pragma omp parallel
@@ -363,13 +376,14 @@ std::vector<Keep<float, 4>> screen_rows(const Prepared<float>& P, const std::vec
 #pragma omp for schedule(dynamic, 1)
     for (int64_t qr = 0; qr < m_q; qr += kRows) {
       for (int64_t pnl = 0; pnl < n_panels; ++pnl) {
-        micro_tile<float>(qtiles.data() + qr * d, packed.data() + pnl * kCols * d, d, tile.data());
+        micro_tile<float>(qtiles.data() + qr * d, ref.packed.data() + pnl * kCols * d, d, tile.data());
         for (int64_t r = 0; r < kRows && qr + r < m; ++r) {
           Keep<float, 4>& o = out[qr + r];
           const int64_t self = rows[qr + r];
+          const float qn = (float)P.norms64[self];
           for (int64_t c = 0; c < kCols; ++c) {
             const int64_t j = pnl * kCols + c;
-            float v = qnorms[qr + r] + norms[j] - 2.f * tile[r * kCols + c];
+            float v = qn + ref.norms[j] - 2.f * tile[r * kCols + c];
             v = v < 0.f ? 0.f : v;
             if (v < o.worst() && j != self && j < n) o.offer(v, j);
           }
@@ -391,7 +405,6 @@ bool certify_native(const Prepared<T>& P, int64_t i, const Keep<T, K>& t, Keep<d
   return (double)t.d[K - 1] - eps > best->d[1];
 }
 
-template <typename T>
 void write(const Keep<double, 2>& b, int64_t i, double* r1, double* r2, int64_t* i1, int64_t* i2) {
   r1[i] = b.d[0]; r2[i] = b.d[1];
   i1[i] = b.j[0]; i2[i] = b.j[1];
@@ -408,7 +421,7 @@ int64_t knn2_native(const Prepared<T>& P, double* r1, double* r2, int64_t* i1, i
       ++fallbacks;
       best = exact_scan(P, i);
     }
-    write<T>(best, i, r1, r2, i1, i2);
+    write(best, i, r1, r2, i1, i2);
   }
   return fallbacks;
 }
@@ -416,7 +429,7 @@ int64_t knn2_native(const Prepared<T>& P, double* r1, double* r2, int64_t* i1, i
 #ifdef HIERFAST_KNN2_BF16
 // bfloat16 screen (K = 8) with certification; uncertified rows go to screen_rows (float32)
 // and then, if still uncertified, to the exact scan.
-int64_t knn2_bf16(const Prepared<float>& P, double* r1, double* r2, int64_t* i1, int64_t* i2, int64_t* stats) {
+void knn2_bf16(const Prepared<float>& P, double* r1, double* r2, int64_t* i1, int64_t* i2, int64_t* stats) {
   const int64_t n = P.n, d = P.d, kp = (d + 1) / 2;
   const int64_t n_q = (n + kRows - 1) / kRows * kRows;
   const int64_t n_panels = (n + kCols - 1) / kCols;
@@ -471,22 +484,20 @@ int64_t knn2_bf16(const Prepared<float>& P, double* r1, double* r2, int64_t* i1,
       const float* xi = P.xo + i * d;
       Keep<double, 2>& b = best[i];
       b.clear();
+      // true when every row whose screened value is >= `screened` is provably farther than b.d[1]
+      auto farther = [&](float screened) {
+        const double a = (double)screened - eps;
+        const double root = a > 0 ? std::sqrt(a) - resid[i] - max_resid : -1.0;
+        return root > 0 && root * root > b.d[1];
+      };
       bool ok = false;
       int k = 0;
       for (; k < 8 && t.j[k] >= 0; ++k) {
-        if (k >= 2) {
-          const double a = (double)t.d[k] - eps;
-          const double root = a > 0 ? std::sqrt(a) - resid[i] - max_resid : -1.0;
-          if (root > 0 && root * root > b.d[1]) { ok = true; break; }
-        }
+        if (k >= 2 && farther(t.d[k])) { ok = true; break; }
         b.offer(exact_sq(xi, P.xo + t.j[k] * d, d), t.j[k]);
       }
       if (!ok && k < 8) ok = true;  // fewer than 8 candidates: n - 1 < 8, every other row was one
-      if (!ok) {                    // all 8 exact: rows not kept have screened values >= d[7]
-        const double a = (double)t.d[7] - eps;
-        const double root = a > 0 ? std::sqrt(a) - resid[i] - max_resid : -1.0;
-        ok = root > 0 && root * root > b.d[1];
-      }
+      if (!ok) ok = farther(t.d[7]);  // all 8 exact: rows not kept have screened values >= d[7]
       if (!ok) mine.push_back(i);
     }
 #pragma omp critical
@@ -505,11 +516,10 @@ int64_t knn2_bf16(const Prepared<float>& P, double* r1, double* r2, int64_t* i1,
       }
     }
   }
-  for (int64_t i = 0; i < n; ++i) write<float>(best[i], i, r1, r2, i1, i2);
+  for (int64_t i = 0; i < n; ++i) write(best[i], i, r1, r2, i1, i2);
   stats[0] = 1;
   stats[1] = (int64_t)redo.size();
   stats[2] = fallbacks;
-  return fallbacks;
 }
 #endif
 

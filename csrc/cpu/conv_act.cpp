@@ -87,10 +87,22 @@ HIERFAST_SIMD_CLONES void fwd_keep(typename IO<D>::S* __restrict__ z, typename I
                                    int64_t len, typename IO<D>::C bc,
                                    const typename IO<D>::S* __restrict__ bv, typename IO<D>::C alpha) {
   using C = typename IO<D>::C;
-  for (int64_t i = 0; i < len; ++i) {
-    C v = IO<D>::ld(z[i]) + (bv ? IO<D>::ld(bv[i]) : bc);
-    z[i] = IO<D>::st(v);
-    y[i] = IO<D>::st(act::forward<C>(A, v, alpha));
+  // Two loops, not `bv ? bv[i] : bc` in one: GCC if-converts that select into an AVX-512
+  // masked load from bv, and with bv == nullptr every masked-off load of the null page takes
+  // a fault-suppression microcode assist (measured: GELU out of place 14 ms instead of 1 ms
+  // on 3.6 M floats, AMD Zen 5).
+  if (bv) {
+    for (int64_t i = 0; i < len; ++i) {
+      C v = IO<D>::ld(z[i]) + IO<D>::ld(bv[i]);
+      z[i] = IO<D>::st(v);
+      y[i] = IO<D>::st(act::forward<C>(A, v, alpha));
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) {
+      C v = IO<D>::ld(z[i]) + bc;
+      z[i] = IO<D>::st(v);
+      y[i] = IO<D>::st(act::forward<C>(A, v, alpha));
+    }
   }
 }
 

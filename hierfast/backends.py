@@ -127,9 +127,10 @@ class Op:
         "cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})
     impls: dict[str, Impl] = field(default_factory=dict)
     _warned: set = field(default_factory=set)
-    # (forced backend, TRITON_INTERPRET, (device type, dtype) per tensor) -> Impl, for
-    # ops without data-dependent limits: selection costs ~40 us otherwise, which adds
-    # up when streaming accumulators call small kernels per layer per batch.
+    # (forced backend, TRITON_INTERPRET, (device type, dtype) per tensor) -> Impl, kept
+    # when no implementation the selection consulted has data-dependent limits
+    # (`reasons`): selection costs ~20-40 us otherwise, which adds up when streaming
+    # accumulators call small kernels per layer per batch, and on every fused conv call.
     _cache: dict = field(default_factory=dict)
 
     def register(self, backend: str, *, devices, dtypes, reasons=None):
@@ -147,9 +148,19 @@ class Op:
         if impl is not None:
             return impl
         impl = self._select(tensors, forced)
-        if all(i.reasons is None for i in self.impls.values()):
+        if self._depends_on_types_only(impl, forced, tensors):
             self._cache[key] = impl
         return impl
+
+    def _depends_on_types_only(self, chosen: Impl, forced: str | None, tensors) -> bool:
+        """The choice of ``chosen`` depended only on what the cache key holds: every
+        implementation consulted before it (and it) has no data-dependent ``reasons``."""
+        if forced is not None:
+            consulted = (forced,)
+        else:
+            order = self.preference.get(tensors[0].device.type if tensors else "cpu", ("reference",))
+            consulted = order[:order.index(chosen.backend) + 1]
+        return all(self.impls[n].reasons is None for n in consulted if n in self.impls)
 
     def _select(self, tensors: Sequence[torch.Tensor], forced: str | None) -> Impl:
         if forced is not None:

@@ -76,3 +76,29 @@ def test_automatic_fallback_warns_once():
         warnings.simplefilter("error")
         op(t)  # second time: silent
     assert calls == ["ref", "ref"]
+
+
+def test_selection_cache_respects_data_dependent_limits():
+    """A choice is cached per (device, dtype) only when no implementation consulted for it has
+    data-dependent limits: a limit on the preferred backend is re-checked on every call, and a
+    limited backend that this device never consults does not stop the cache."""
+    op = Op("demo_cache", preference={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")})
+    op.register("cpu", devices=("cpu",), dtypes=(torch.float32,),
+                reasons=lambda t: [] if t.dim() == 2 else ["takes 2-D tensors"])(lambda t: "cpu")
+    op.register("reference", devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float64))(lambda t: "ref")
+    op.register("triton", devices=("cuda",), dtypes=(torch.float32,),
+                reasons=lambda t: ["never"])(lambda t: "triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendFallbackWarning)
+        assert op(torch.zeros(2, 2)) == "cpu"
+        assert op(torch.zeros(2)) == "ref"        # same key (cpu, float32): re-checked, not cached
+        assert op(torch.zeros(2, 2)) == "cpu"
+        assert op._cache == {}
+        assert op(torch.zeros(2, dtype=torch.float64)) == "ref"   # cpu refuses float64 by dtype
+        # consulted: cpu (has reasons) then reference -> still not cacheable
+        assert op._cache == {}
+    plain = Op("demo_cache2", preference={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")})
+    plain.register("cpu", devices=("cpu",), dtypes=(torch.float32,))(lambda t: "cpu")
+    plain.register("triton", devices=("cuda",), dtypes=(torch.float32,), reasons=lambda t: ["never"])(lambda t: "t")
+    assert plain(torch.zeros(3)) == "cpu"
+    assert [i.backend for i in plain._cache.values()] == ["cpu"]   # triton's limits are not consulted on CPU

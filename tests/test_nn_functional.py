@@ -147,10 +147,11 @@ def test_nan_propagates_like_torch(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("nhwc", [False, True])
-def test_cpu_epilogue_kernel_writes_every_element(dtype, nhwc):
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_epilogue_kernel_writes_every_element(dtype, nhwc, with_bias):
     """The raw epilogue (keep mode) into a NaN-poisoned output, and its backward."""
     z0 = torch.randn(3, 5, 4, 7, dtype=torch.float64)
-    b = torch.randn(5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64) if with_bias else torch.zeros(5, dtype=torch.float64)
     for name, akw in ACTS:
         act = A.resolve(name, **akw)
         zin = z0.to(dtype)
@@ -161,7 +162,7 @@ def test_cpu_epilogue_kernel_writes_every_element(dtype, nhwc):
         stats = torch.zeros(5, 3, dtype=torch.float64)
         bt = b.to(dtype)  # keep alive: the kernel takes a raw address
         cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(dtype), 3, 5, 28, nhwc,
-                                       bt.data_ptr(), act.code, act.alpha, stats.data_ptr())
+                                       bt.data_ptr() if with_bias else 0, act.code, act.alpha, stats.data_ptr())
         zref = zin.double() + bt.double()[:, None, None]
         yref = A.apply(zref, act)
         tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
@@ -202,6 +203,29 @@ def test_errors(bad, exc, match):
     with pytest.raises(exc, match=match):
         conv2d_act(a["x"], a["w"], a["b"], stride=a["stride"], padding=a["padding"], activation=a["activation"],
                    **a["akw"])
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_cpu_epilogue_statistics_over_many_tasks(nhwc, in_place):
+    """Statistics taps where the work splits into many OpenMP tasks (NHWC row groups,
+    NCHW planes with a lane tail): per-thread sums merged once, float64 throughout, on
+    post-ReLU-like features with a large common offset (where float32 sums of squares drift)."""
+    n, c, h, w = 3, 48, 33, 31
+    z0 = (torch.randn(n, c, h, w, dtype=torch.float64) + 40.0).to(torch.float32)
+    b = torch.randn(c, dtype=torch.float32)
+    for name in ("relu", "gelu", "mish"):
+        act = A.resolve(name)
+        z = z0.clone().to(memory_format=torch.channels_last) if nhwc else z0.clone()
+        y = z if in_place else torch.full_like(z, float("nan"))
+        stats = torch.full((c, 3), 0.25, dtype=torch.float64)  # the kernel adds to what is there
+        cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, h * w, nhwc,
+                                       b.data_ptr(), act.code, act.alpha, stats.data_ptr())
+        yref = A.apply(z0.double() + b.double()[:, None, None], act)
+        torch.testing.assert_close(y.double(), yref, atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        yd = y.double()
+        ref = 0.25 + torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+        torch.testing.assert_close(stats, ref, atol=0, rtol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def test_stats_tap_matches_reference():

@@ -167,24 +167,45 @@ HIERFAST_SIMD_CLONES double bwd_plane_bias(const typename IO<D>::S* __restrict__
   return tot;
 }
 
-// Per-channel sums of a run: NCHW (one channel) -> acc[0..2] += sum, sumsq, active;
-// NHWC (C channels) -> acc[3c..3c+2].
+// Per-channel statistics of y, accumulated in float64 (sums of squares of post-ReLU
+// features with a large mean lose too much in float32 before the variance subtracts).
+// Both loops are written so GCC vectorises them: NHWC rows update three separate
+// channel arrays elementwise (contiguous, across c); an NCHW plane keeps 8 lane partials
+// per sum (a plain scalar reduction would not vectorise without reassociation).
 template <DType D>
-void stats_run(const typename IO<D>::S* y, int64_t len, bool per_element, double* acc) {
-  if (per_element) {
-    for (int64_t i = 0; i < len; ++i) {
-      double v = IO<D>::ld(y[i]);
-      acc[3 * i] += v;
-      acc[3 * i + 1] += v * v;
-      acc[3 * i + 2] += v > 0.0 ? 1.0 : 0.0;
+HIERFAST_SIMD_CLONES void stats_row(const typename IO<D>::S* __restrict__ y, int64_t C,
+                                    double* __restrict__ sum, double* __restrict__ sq,
+                                    double* __restrict__ pos) {
+  for (int64_t i = 0; i < C; ++i) {
+    const double v = IO<D>::ld(y[i]);
+    sum[i] += v;
+    sq[i] += v * v;
+    pos[i] += v > 0.0 ? 1.0 : 0.0;
+  }
+}
+
+template <DType D>
+HIERFAST_SIMD_CLONES void stats_plane(const typename IO<D>::S* __restrict__ y, int64_t len, double* acc) {
+  constexpr int L = 8;
+  double s[L] = {}, q[L] = {}, a[L] = {};
+  int64_t i = 0;
+  for (; i + L <= len; i += L)
+    for (int j = 0; j < L; ++j) {
+      const double v = IO<D>::ld(y[i + j]);
+      s[j] += v;
+      q[j] += v * v;
+      a[j] += v > 0.0 ? 1.0 : 0.0;
     }
-  } else {
-    double s = 0, q = 0, a = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      double v = IO<D>::ld(y[i]);
-      s += v; q += v * v; a += v > 0.0 ? 1.0 : 0.0;
-    }
-    acc[0] += s; acc[1] += q; acc[2] += a;
+  for (; i < len; ++i) {
+    const double v = IO<D>::ld(y[i]);
+    s[0] += v;
+    q[0] += v * v;
+    a[0] += v > 0.0 ? 1.0 : 0.0;
+  }
+  for (int j = 0; j < L; ++j) {
+    acc[0] += s[j];
+    acc[1] += q[j];
+    acc[2] += a[j];
   }
 }
 
@@ -207,13 +228,14 @@ void forward_impl(void* zv, void* yv, int64_t N, int64_t C, int64_t HW, bool nhw
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * C + c) * HW;
         fwd_run<D, A>(z + off, y + off, HW, b ? IO<D>::ld(b[c]) : (Cc)0, nullptr, alpha);
-        if (stats) stats_run<D>(y + off, HW, false, stats + 3 * c);
+        if (stats) stats_plane<D>(y + off, HW, stats + 3 * c);
       }
     return;
   }
   const int64_t rows = N * HW, step = rows_per_task(C);
 #pragma omp parallel
   {
+    // this thread's sums, sums of squares and positive counts: [0, C), [C, 2C), [2C, 3C)
     std::vector<double> acc(stats ? 3 * C : 0, 0.0);
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
@@ -224,11 +246,12 @@ void forward_impl(void* zv, void* yv, int64_t N, int64_t C, int64_t HW, bool nhw
         fwd_run<D, A>(z + r0 * C, y + r0 * C, (r1 - r0) * C, (Cc)0, nullptr, alpha);
       }
       if (stats)
-        for (int64_t r = r0; r < r1; ++r) stats_run<D>(y + r * C, C, true, acc.data());
+        for (int64_t r = r0; r < r1; ++r) stats_row<D>(y + r * C, C, &acc[0], &acc[C], &acc[2 * C]);
     }
     if (stats) {
 #pragma omp critical
-      for (int64_t i = 0; i < 3 * C; ++i) stats[i] += acc[i];
+      for (int64_t c = 0; c < C; ++c)
+        for (int k = 0; k < 3; ++k) stats[3 * c + k] += acc[k * C + c];
     }
   }
 }

@@ -13,8 +13,9 @@
 #   tests-kernels pytest: gram/centre, knn2, channel_topk, CKA, transforms (CUDA + Triton cases)
 #   bench-conv    benchmarks/run.py conv, one run per layer filter, most important first,
 #                 merged into $OUT/conv.json and one Markdown table in the log
-#   bench-others  benchmarks/run.py cka|capture|dimension|visualize --quick, while time remains
-#                 (these benchmarks run on the CPU even on a GPU machine: they time the host)
+#   bench-others  benchmarks/run.py resnet_step|cka|capture|dimension|visualize --quick, while
+#                 time remains (resnet_step trains on the GPU; the other four run on the CPU even
+#                 on a GPU machine: they time the host)
 # It ends with a summary table (stage, status, exit code, seconds, budget, note) as the last
 # lines and exits 0 even when a stage failed, so that the log always comes back.
 #
@@ -43,7 +44,7 @@
 #   GPU_CHECK_CONV_FILTERS="dw3x3;stem;1x1 64->256 @56;3x3 64 @56;3x3 128 @28;3x3 256 @14"
 #                                  ';'-separated HIERFAST_CONV_LAYERS filters, run in order
 #   GPU_CHECK_CONV_QUICK=0         1: pass --quick (N=8, stem and dw3x3 32 only)
-#   GPU_CHECK_OTHERS="cka capture dimension visualize"   GPU_CHECK_OTHER_S=90 (cap of each)
+#   GPU_CHECK_OTHERS="resnet_step cka capture dimension visualize"   GPU_CHECK_OTHER_S=90 (cap of each)
 #   GPU_CHECK_REQUIRE_GPU=1        0: the import stage does not demand a GPU (local trials)
 #   HIERFAST_REQUIRE_BACKENDS=cpu,triton,cuda,cuda-compiled   (tests/test_backends.py)
 #   HIERFAST_CUDA=1 HIERFAST_CUDA_ARCHS=90 MAX_JOBS=$(nproc)  (setup.py's own switches)
@@ -307,10 +308,11 @@ EOF
 }
 
 stage_bench_others() {
-  # CPU-only benchmarks (none of them moves data to the GPU): quick runs, in order, while
-  # the stage's budget lasts; each JSON goes straight to $OUT.
+  # Quick runs, in order, while the stage's budget lasts; each JSON goes straight to $OUT.
+  # resnet_step (the ResNet-18 training step with fuse) runs on the GPU; the others
+  # never move data to it.
   local cap=${GPU_CHECK_OTHER_S:-90} rc=0 n left r note=""
-  for n in ${GPU_CHECK_OTHERS:-cka capture dimension visualize}; do
+  for n in ${GPU_CHECK_OTHERS:-resnet_step cka capture dimension visualize}; do
     left=$((STAGE_BUDGET - 3 - SECONDS))   # ends before the stage's own timeout
     if [ "$left" -lt 20 ]; then
       echo "[gpu_check] bench-others: ${left}s left, not starting $n"

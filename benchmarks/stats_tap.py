@@ -8,11 +8,9 @@ over the output), interleaved, forward in inference, fp32 channels_last, N = 8, 
 
 (the glibc settings keep freed memory, so no provider page-faults its fresh outputs each call).
 """
-import statistics
-import time
-
 import torch
 
+from bench_conv import _interleaved
 from hierfast.nn import Conv2dAct
 
 # name, C_in, C_out, k, stride, padding, groups, H (the layers of bench_conv.py)
@@ -43,24 +41,17 @@ def main(rounds: int = 30) -> None:
             x = torch.randn(8, cin, h, h).to(memory_format=torch.channels_last)
             fns = {"plain": lambda: plain(x), "tap": lambda: tapped(x),
                    "torch": lambda: _torch_stats(plain(x))}
-            times = {key: [] for key in fns}
             with torch.no_grad():
-                for f in fns.values():
-                    for _ in range(3):
-                        f()
-                for _ in range(rounds):
-                    for key, f in fns.items():
-                        t = time.perf_counter()
-                        f()
-                        times[key].append(time.perf_counter() - t)
+                res = _interleaved(fns, budget_s=1.5, min_repeats=rounds, max_repeats=rounds)
                 # the tap must have counted what torch counts
                 tapped.reset_stats()
                 y = tapped(x)
                 ref = _torch_stats(y)
                 got = tapped.stats()
                 count = y.numel() // y.shape[1]
-                assert torch.allclose(got["mean"], ref[0] / count, rtol=1e-9, atol=1e-12), name
-            med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+                if not torch.allclose(got["mean"], ref[0] / count, rtol=1e-9, atol=1e-12):
+                    raise RuntimeError(f"{name} {act}: the tap's means differ from torch's")
+            med = {key: r["median"] * 1e3 for key, r in res.items()}
             print(f"| {name} | {act} | {med['plain']:.2f} ms | {med['tap']:.2f} ms | {med['tap'] / med['plain']:.2f} | "
                   f"{med['torch']:.2f} ms | {med['torch'] / med['tap']:.2f}x |")
 

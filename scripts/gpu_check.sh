@@ -44,6 +44,9 @@
 #   GPU_CHECK_CONV_FILTERS="dw3x3;stem;1x1 64->256 @56;3x3 64 @56;3x3 128 @28;3x3 256 @14"
 #                                  ';'-separated HIERFAST_CONV_LAYERS filters, run in order
 #   GPU_CHECK_CONV_QUICK=0         1: pass --quick (N=8, stem and dw3x3 32 only)
+#   GPU_CHECK_MAX_AUTOTUNE=0       1: also time torch.compile(mode="max-autotune") (the issue's
+#                                  provider; its autotuning takes minutes per layer, so give the
+#                                  stage a whole call: GPU_CHECK_STAGES="info build bench-conv")
 #   GPU_CHECK_OTHERS="resnet_step cka capture dimension visualize"   GPU_CHECK_OTHER_S=90 (cap of each)
 #   GPU_CHECK_REQUIRE_GPU=1        0: the import stage does not demand a GPU (local trials)
 #   HIERFAST_REQUIRE_BACKENDS=cpu,triton,cuda,cuda-compiled   (tests/test_backends.py)
@@ -261,7 +264,7 @@ stage_bench_conv() {
       i=$((i + 1)); continue
     fi
     echo "[gpu_check] bench-conv: HIERFAST_CONV_LAYERS='$f' (limit ${left}s)"
-    HIERFAST_CONV_LAYERS=$f timeout -k 5 "$left" \
+    HIERFAST_CONV_LAYERS=$f HIERFAST_CONV_MAX_AUTOTUNE=${GPU_CHECK_MAX_AUTOTUNE:-0} timeout -k 5 "$left" \
       "$PY" benchmarks/run.py conv "${quick[@]}" --markdown --json "$WORK/conv-$i.json"
     r=$?
     echo "$r" >"$WORK/conv-status-$i"; echo "$f" >"$WORK/conv-filter-$i"

@@ -158,9 +158,13 @@ class Op:
         if forced is not None:
             consulted = (forced,)
         else:
-            order = self.preference.get(tensors[0].device.type if tensors else "cpu", ("reference",))
+            order = self._order(tensors)
             consulted = order[:order.index(chosen.backend) + 1]
         return all(self.impls[n].reasons is None for n in consulted if n in self.impls)
+
+    def _order(self, tensors: Sequence[torch.Tensor]) -> tuple[str, ...]:
+        """The backends to try, in order, for tensors on this device."""
+        return self.preference.get(tensors[0].device.type if tensors else "cpu", ("reference",))
 
     def _select(self, tensors: Sequence[torch.Tensor], forced: str | None) -> Impl:
         if forced is not None:
@@ -174,7 +178,7 @@ class Op:
                                               + "; ".join(why))
             return impl
         device = tensors[0].device.type if tensors else "cpu"
-        order = self.preference.get(device, ("reference",))
+        order = self._order(tensors)
         skipped = []
         for name in order:
             impl = self.impls.get(name)

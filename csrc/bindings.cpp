@@ -88,7 +88,16 @@ PYBIND11_MODULE(_C, m) {
                                             ptr<double>(grad_b), DType(dtype), geometry.data(), act_code, alpha,
                                             want_x);
       });
-  m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+  m.def(
+      "dw_conv_act_forward",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y, uintptr_t z, uintptr_t stats, int dtype,
+         std::vector<int64_t> geometry, int act_code, double alpha) {
+        if (geometry.size() != 14) throw std::invalid_argument("dw_conv_act_forward: geometry needs 14 values");
+        py::gil_scoped_release nogil;
+        hierfast::cpu::dw_conv_act_forward(ptr<const void>(x), ptr<const void>(w), ptr<const void>(bias),
+                                           ptr<void>(y), ptr<void>(z), ptr<double>(stats), DType(dtype),
+                                           geometry.data(), act_code, alpha);
+      });
   m.def(
       "channel_topk",
       [](uintptr_t x, int dtype, int64_t B, int64_t C, int64_t S, int64_t sb, int64_t sc, int64_t ss,

@@ -110,6 +110,45 @@ def _epilogue_forward(x, w, b, p, act, keep, stats, run):
     return y, saved
 
 
+# Activations whose fused depthwise forward measured faster than oneDNN's post-op convolution
+# (see _depthwise_forward_ok).
+_DW_FORWARD_ACTS = frozenset({A.IDENTITY, A.RELU, A.RELU6, A.LEAKY_RELU, A.HARDSWISH, A.SILU, A.SIGMOID, A.TANH,
+                              A.GELU, A.GELU_TANH, A.MISH})
+
+
+def _dw_output_size(x, w, p: ConvArgs):
+    return [(x.shape[2 + i] + 2 * p.padding[i] - p.dilation[i] * (w.shape[2 + i] - 1) - 1) // p.stride[i] + 1
+            for i in range(2)]
+
+
+def _depthwise_forward_ok(x, w, b, p: ConvArgs, act) -> bool:
+    """The fused CPU depthwise forward (csrc/cpu/dw_conv_forward.cpp) applies: one float32 filter
+    per channel, channels a multiple of 16, channels_last input, a square 3x3 or 5x5 filter (any
+    stride, padding, dilation), and an activation it is measured faster on."""
+    cl = torch.channels_last
+    return (x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and x.dim() == 4
+            and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
+            and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5) and act.code in _DW_FORWARD_ACTS
+            and x.is_contiguous(memory_format=cl) and min(_dw_output_size(x, w, p)) >= 1)
+
+
+def _depthwise_forward_cpu(x, w, b, p: ConvArgs, act, keep, stats):
+    """``(y, saved)`` of the fused depthwise forward: y (and z, when training a smooth activation
+    needs it saved) written in one pass, ``stats`` (C x 3 float64) added to on the way."""
+    n, c, h, wd = x.shape
+    oh, ow = _dw_output_size(x, w, p)
+    y = torch.empty((n, c, oh, ow), dtype=x.dtype, memory_format=torch.channels_last)
+    z = torch.empty_like(y) if keep and not act.grad_from_output else None
+    wc = w.contiguous()
+    bc = None if b is None else b.contiguous()
+    geometry = [n, c, h, wd, oh, ow, w.shape[2], w.shape[3], *p.stride, *p.padding, *p.dilation]
+    cpu_kernels().dw_conv_act_forward(x.data_ptr(), wc.data_ptr(), 0 if bc is None else bc.data_ptr(), y.data_ptr(),
+                                      0 if z is None else z.data_ptr(), 0 if stats is None else stats.data_ptr(),
+                                      _dtypes.code(x.dtype), geometry, act.code, act.alpha)
+    saved = (y if act.grad_from_output else z) if keep else None
+    return y, saved
+
+
 @FORWARD.register("cpu", devices=("cpu",), dtypes=_FLOATS)
 def _fwd_cpu(x, w, b, p, act, keep, stats):
     def run(z, y, n, c, hw, nhwc, b, stats):
@@ -117,6 +156,8 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
                                        0 if b is None else b.data_ptr(), act.code, act.alpha,
                                        0 if stats is None else stats.data_ptr())
 
+    if _depthwise_forward_ok(x, w, b, p, act):
+        return _depthwise_forward_cpu(x, w, b, p, act, keep, stats)
     if stats is None and _onednn_ok(x, act):
         if not keep or act.grad_from_output:
             # y = act(conv + b) in one oneDNN primitive; backward needs only y

@@ -65,3 +65,14 @@ void dw_conv_act_backward(const void* grad_y, const void* saved, const void* x, 
                           double alpha, bool want_x);
 
 }  // namespace hierfast::cpu
+
+namespace hierfast::cpu {
+
+// Fused forward y = act(depthwise_conv(x, w) + b), channels_last (csrc/cpu/dw_conv_forward.cpp):
+// x (N x H x W x C), w (C x KH x KW), bias (C) or null, float32; writes y (N x OH x OW x C), z (the
+// pre-activation, same shape) when non-null, and adds per-channel [sum, sum of squares, count > 0]
+// of y to stats (C x 3 float64) when non-null. geometry as dw_conv_act_backward's.
+void dw_conv_act_forward(const void* x, const void* w, const void* bias, void* y, void* z, double* stats,
+                         DType dtype, const int64_t* geometry, int act_code, double alpha);
+
+}  // namespace hierfast::cpu

@@ -69,25 +69,40 @@ def _ref(x, w, b, kw, act):
     return z, A.apply(z, act)
 
 
-def test_the_fused_path_is_taken(monkeypatch):
-    """Guard: the tests below exercise the fused kernel, not the fallback."""
+def test_the_fused_path_is_taken_where_it_wins(monkeypatch):
+    """Guard: the layer runs the fused kernel where ops._depthwise_forward_wins says it is faster
+    (so the layer tests below exercise it), and the other paths elsewhere."""
     calls = []
     real = ops._depthwise_forward_cpu
     monkeypatch.setattr(ops, "_depthwise_forward_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x, w, b, kw = _data(DW_SHAPES[0])
-    conv2d_act(x, w, b, activation="gelu", **kw)
-    with torch.no_grad():
-        conv2d_act(x, w, None, activation="relu", **kw)
-    assert calls == [1, 1]
+
+    def fused(shape, name, train, stats=False, **change):
+        x, w, b, kw = _data(shape)
+        if change.get("dtype"):
+            x, w, b = (t.to(change["dtype"]) for t in (x, w, b))
+        if change.get("nchw"):
+            x = x.contiguous()
+        st = torch.zeros(w.shape[0], 3, dtype=torch.float64) if stats else None
+        ts = [t.clone().requires_grad_(train) for t in (x, w, b)]
+        with torch.set_grad_enabled(train):
+            y = conv2d_act(*ts, activation=name, stats=st, **kw)
+        zref, yref = _ref(x, w, b, kw, A.resolve(name))
+        tol = 2e-2 if change.get("dtype") == torch.bfloat16 else 2e-5
+        torch.testing.assert_close(y.double(), yref, atol=tol * max(1.0, yref.abs().max().item()), rtol=0)
+        n, calls[:] = len(calls), []
+        return n == 1
+
+    s1, s2, k5 = DW_SHAPES[0], DW_SHAPES[3], DW_SHAPES[2]
+    assert fused(s1, "relu", train=False) and fused(s1, "relu", train=True) and fused(s2, "hardswish", False)
+    assert fused(s1, "gelu", train=True)                        # y and z in one pass
+    assert not fused(s1, "gelu", train=False) and not fused(s2, "gelu", train=True)  # oneDNN's GELU
+    assert fused(s1, "gelu", train=False, stats=True) and fused(k5, "relu", False, stats=True)  # the tap
+    assert fused(k5, "mish", train=False) and not fused(k5, "relu", train=False)
     # NCHW input, float64, bfloat16, and the shapes it does not take: the unfused paths
-    conv2d_act(x.contiguous(), w, b, activation="gelu", **kw)
-    conv2d_act(x.double(), w.double(), b.double(), activation="gelu", **kw)
-    conv2d_act(x.bfloat16(), w.bfloat16(), b.bfloat16(), activation="gelu", **kw)
+    assert not fused(s1, "relu", False, nchw=True)
+    assert not fused(s1, "relu", False, dtype=torch.float64) and not fused(s1, "relu", False, dtype=torch.bfloat16)
     for shape in OTHER_SHAPES:
-        xo, wo, bo, kwo = _data(shape)
-        y = conv2d_act(xo, wo, bo, activation="gelu", **kwo)
-        torch.testing.assert_close(y.double(), _ref(xo, wo, bo, kwo, A.resolve("gelu"))[1], atol=2e-5, rtol=0)
-    assert calls == [1, 1]
+        assert not fused(shape, "mish", train=False, stats=True)
 
 
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)

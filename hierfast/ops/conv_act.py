@@ -110,26 +110,43 @@ def _epilogue_forward(x, w, b, p, act, keep, stats, run):
     return y, saved
 
 
-# Activations whose fused depthwise forward measured faster than oneDNN's post-op convolution
-# (see _depthwise_forward_ok).
-_DW_FORWARD_ACTS = frozenset({A.IDENTITY, A.RELU, A.RELU6, A.LEAKY_RELU, A.HARDSWISH, A.SILU, A.SIGMOID, A.TANH,
-                              A.GELU, A.GELU_TANH, A.MISH})
-
-
 def _dw_output_size(x, w, p: ConvArgs):
     return [(x.shape[2 + i] + 2 * p.padding[i] - p.dilation[i] * (w.shape[2 + i] - 1) - 1) // p.stride[i] + 1
             for i in range(2)]
 
 
-def _depthwise_forward_ok(x, w, b, p: ConvArgs, act) -> bool:
-    """The fused CPU depthwise forward (csrc/cpu/dw_conv_forward.cpp) applies: one float32 filter
-    per channel, channels a multiple of 16, channels_last input, a square 3x3 or 5x5 filter (any
-    stride, padding, dilation), and an activation it is measured faster on."""
+def _depthwise_forward_ok(x, w, b, p: ConvArgs, act, keep, stats) -> bool:
+    """The fused CPU depthwise forward (csrc/cpu/dw_conv_forward.cpp) can run this call (one
+    float32 filter per channel, channels a multiple of 16, channels_last input, a square 3x3 or
+    5x5 filter; any stride, padding, dilation) and is the faster choice for it."""
     cl = torch.channels_last
     return (x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and x.dim() == 4
             and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
-            and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5) and act.code in _DW_FORWARD_ACTS
-            and x.is_contiguous(memory_format=cl) and min(_dw_output_size(x, w, p)) >= 1)
+            and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5)
+            and x.is_contiguous(memory_format=cl) and min(_dw_output_size(x, w, p)) >= 1
+            and _depthwise_forward_wins(w.shape[2], p, act, keep, stats))
+
+
+def _depthwise_forward_wins(k, p: ConvArgs, act, keep, stats) -> bool:
+    """Where the fused depthwise forward beats the alternatives, by measurement (2-core Zen 5,
+    2 threads, N = 8 and 1, 32-576 channels, round-robin medians, 2026-12-01):
+
+    * a statistics tap, or an activation oneDNN has no post-op for (Mish): always; the
+      alternative is torch's convolution and then a second pass over the output;
+    * 3x3 filters, no GELU: as fast as oneDNN's fused post-op for ReLU (0.9-1.05x, within this
+      machine's noise; 1.45x at N = 1), 1.1-1.8x for SiLU and Hardswish;
+    * GELU (exact or tanh): oneDNN's JIT-compiled GELU is cheaper than ours (0.6-0.9x on most
+      shapes) except when training needs the pre-activation saved at stride 1: one pass writing
+      y and z against oneDNN's conv and then torch's GELU, 1.2-1.3x on 3x3 layers at 56-112 px;
+    * 5x5 filters otherwise: oneDNN (ours 0.7-1.05x).
+    """
+    if stats is not None or A.onednn_attr(act) is None:
+        return True
+    if k != 3:
+        return False
+    if act.code in (A.GELU, A.GELU_TANH):
+        return keep and tuple(p.stride) == (1, 1)
+    return True
 
 
 def _depthwise_forward_cpu(x, w, b, p: ConvArgs, act, keep, stats):
@@ -156,7 +173,7 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
                                        0 if b is None else b.data_ptr(), act.code, act.alpha,
                                        0 if stats is None else stats.data_ptr())
 
-    if _depthwise_forward_ok(x, w, b, p, act):
+    if _depthwise_forward_ok(x, w, b, p, act, keep, stats):
         return _depthwise_forward_cpu(x, w, b, p, act, keep, stats)
     if stats is None and _onednn_ok(x, act):
         if not keep or act.grad_from_output:

@@ -124,28 +124,30 @@ def _depthwise_forward_ok(x, w, b, p: ConvArgs, act, keep, stats) -> bool:
             and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
             and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5)
             and x.is_contiguous(memory_format=cl) and min(_dw_output_size(x, w, p)) >= 1
-            and _depthwise_forward_wins(w.shape[2], p, act, keep, stats))
+            and _depthwise_forward_wins(_dw_output_size(x, w, p)[1], w.shape[2], p, act, keep, stats))
 
 
-def _depthwise_forward_wins(k, p: ConvArgs, act, keep, stats) -> bool:
-    """Where the fused depthwise forward beats the alternatives, by measurement (2-core Zen 5,
-    2 threads, N = 8 and 1, 32-576 channels, round-robin medians, 2026-12-01):
+def _depthwise_forward_wins(ow, k, p: ConvArgs, act, keep, stats) -> bool:
+    """Where the fused depthwise forward beats the alternatives (oneDNN's fused post-op
+    convolution; with a tap or Mish, torch's convolution and then our epilogue pass), by
+    measurement: ``benchmarks/dw_forward.py``, 2-core Zen 5, 2 threads, three runs on
+    2026-12-01 (this VM's run-to-run spread is +-30 %, so only what held in every run counts):
 
-    * a statistics tap, or an activation oneDNN has no post-op for (Mish): always; the
-      alternative is torch's convolution and then a second pass over the output;
-    * 3x3 filters, no GELU: as fast as oneDNN's fused post-op for ReLU (0.9-1.05x, within this
-      machine's noise; 1.45x at N = 1), 1.1-1.8x for SiLU and Hardswish;
-    * GELU (exact or tanh): oneDNN's JIT-compiled GELU is cheaper than ours (0.6-0.9x on most
-      shapes) except when training needs the pre-activation saved at stride 1: one pass writing
-      y and z against oneDNN's conv and then torch's GELU, 1.2-1.3x on 3x3 layers at 56-112 px;
-    * 5x5 filters otherwise: oneDNN (ours 0.7-1.05x).
+    * 3x3, stride 1, output rows of >= 28 px (N = 8 and 1, 32-144 channels at 56-112 px):
+      ReLU6, SiLU, Hardswish, sigmoid, tanh, Mish 1.1-1.9x in inference and training; a
+      statistics tap 1.04-2.6x for every activation; GELU in training (y and the saved z in one
+      pass, against oneDNN's convolution and then torch's GELU) 1.2-1.7x. There oneDNN keeps
+      plain ReLU/leaky ReLU/identity (ours 0.8-1.1x) and GELU in inference (its JIT-compiled GELU
+      is cheaper than ours, 0.9-1.0x).
+    * 5x5, stride 2, or small images (576 channels at 14 px): oneDNN or the epilogue; ours
+      measured 0.5-1.2x there, slower in two runs of three.
     """
-    if stats is not None or A.onednn_attr(act) is None:
-        return True
-    if k != 3:
+    if k != 3 or tuple(p.stride) != (1, 1) or ow < 28:
         return False
     if act.code in (A.GELU, A.GELU_TANH):
-        return keep and tuple(p.stride) == (1, 1)
+        return keep or stats is not None
+    if act.code in (A.IDENTITY, A.RELU, A.LEAKY_RELU):
+        return stats is not None
     return True
 
 

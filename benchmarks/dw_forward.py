@@ -1,0 +1,85 @@
+"""The fused CPU depthwise forward (csrc/cpu/dw_conv_forward.cpp) against what conv2d_act would
+run without it, interleaved, fp32 channels_last, 2 threads: the measurements behind
+hierfast.ops.conv_act._depthwise_forward_wins.
+
+* inference: ours against oneDNN's fused post-op convolution (Mish: against torch's
+  convolution + our epilogue pass, as oneDNN has no Mish post-op);
+* training a smooth activation (the pre-activation z is saved for backward): ours, writing y and
+  z in one pass, against oneDNN's convolution and then torch's activation;
+* statistics tap: ours against torch's convolution + our epilogue with the tap.
+
+    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=1000000000 \\
+        python benchmarks/dw_forward.py [activation ...]
+
+Speed-ups above 1 mean ours is faster. This shared 2-core VM varies by +-30 % between runs;
+compare the speed-up columns, which pair the two providers call by call.
+"""
+import sys
+
+import torch
+
+from bench_conv import _interleaved
+from hierfast.ops import activations as A
+from hierfast.ops import conv_act as ops
+
+# N, C, H, k, stride: MobileNet/EfficientNet depthwise layers
+SHAPES = [(8, 32, 112, 3, 1), (8, 144, 56, 3, 1), (8, 96, 112, 3, 2), (1, 32, 112, 3, 1), (8, 576, 14, 3, 1),
+          (8, 240, 28, 5, 1)]
+
+
+def _providers(x, w, b, p: ops.ConvArgs, act, mode):
+    stats = torch.zeros(x.shape[1], 3, dtype=torch.float64) if mode == "tap" else None
+    keep = mode == "train"
+    ours = {"ours": lambda: ops._depthwise_forward_cpu(x, w, b, p, act, keep, stats)}
+    if mode == "tap" or A.onednn_attr(act) is None:
+        def other():
+            return ops._epilogue_forward(x, w, b, p, act, keep, stats, _epilogue_run(act))
+    elif mode == "train" and not act.grad_from_output:
+        def other():
+            z = ops._onednn(x, w, b, p, A.resolve("identity"))
+            return A.apply(z, act), z
+    else:
+        def other():
+            return ops._onednn(x, w, b, p, act)
+    return {**ours, "other": other}
+
+
+def _epilogue_run(act):
+    from hierfast import _dtypes
+    from hierfast.ops._launch import cpu_kernels
+
+    def run(z, y, n, c, hw, nhwc, b, stats):
+        cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, hw, nhwc,
+                                       0 if b is None else b.data_ptr(), act.code, act.alpha,
+                                       0 if stats is None else stats.data_ptr())
+    return run
+
+
+def main(names, rounds: int = 40) -> None:
+    torch.set_num_threads(2)
+    print("| layer (N, C, H, k, stride) | activation | mode | ours | alternative | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for n, c, h, k, s in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(n, c, h, h).to(memory_format=torch.channels_last)
+        w, b = torch.randn(c, 1, k, k) / k, torch.randn(c)
+        p = ops.ConvArgs((s, s), (k // 2, k // 2), (1, 1), c)
+        for name in names:
+            act = A.resolve(name)
+            for mode in ("infer", "train", "tap"):
+                if mode == "train" and act.grad_from_output:
+                    continue  # saves y only: the same call as inference
+                fns = _providers(x, w, b, p, act, mode)
+                with torch.no_grad():
+                    res = _interleaved(fns, budget_s=1.0, min_repeats=rounds, max_repeats=rounds)
+                med = {key: r["median"] * 1e3 for key, r in res.items()}
+                alt = {"infer": "oneDNN post-op", "train": "oneDNN conv + torch act",
+                       "tap": "conv + epilogue tap"}[mode]
+                if A.onednn_attr(act) is None and mode != "tap":
+                    alt = "conv + epilogue"
+                print(f"| {n}, {c}, {h}, {k}x{k}, {s} | {name} | {mode} | {med['ours']:.3f} ms | "
+                      f"{med['other']:.3f} ms ({alt}) | {med['other'] / med['ours']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["relu", "gelu", "silu", "hardswish", "mish"])

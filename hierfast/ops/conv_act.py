@@ -7,8 +7,11 @@ padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
   (``torch.ops.mkldnn._convolution_pointwise``, see :func:`_onednn_ok`); oneDNN has no
   backward, so training supplies its own (below). Elsewhere: torch's convolution
   without bias, then ONE C++/OpenMP pass adding the bias and applying the activation
-  in place (``hierfast._C.conv_act_forward``). Caveat: oneDNN's ReLU family maps a
-  NaN input to 0 where torch (and our epilogue) propagate it.
+  in place (``hierfast._C.conv_act_forward``). Depthwise float32 channels_last layers where
+  it measured faster (:func:`_depthwise_forward_wins`) run our fused depthwise forward
+  instead (``hierfast._C.dw_conv_act_forward``: conv, bias, activation, the saved
+  pre-activation and the statistics tap in one pass). Caveat: oneDNN's ReLU family maps a
+  NaN input to 0 where torch (and our kernels) propagate it.
 * ``cuda``: torch's (cuDNN) convolution, then the CUDA epilogue kernel in place.
   On CUDA tensors the registry tries ``cuda`` before ``triton``: the Triton kernels
   have only run under the interpreter so far (no GPU measurements yet), so the

@@ -190,3 +190,29 @@ def test_kernel_rejects_what_it_cannot_run():
                                           1, 0.0)
     with pytest.raises(ValueError, match="geometry"):
         cpu_kernels().dw_conv_act_forward(0, 0, 0, 0, 0, 0, 2, [1, 2, 3], 1, 0.0)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+def test_opcheck_on_the_fused_path(act):
+    """The custom op's fake function agrees with the fused kernel's output (shape, strides)."""
+    x, w, b, kw = _data((2, 16, 4, 28, 3, 1, 1, 1))
+    a = A.resolve(act)
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.hierfast.conv2d_act.default,
+                              (*args, [1, 1], [1, 1], [1, 1], 16, a.name, a.code, a.alpha, keep))
+
+
+def test_compile_fullgraph_on_the_fused_path():
+    x, w, b, kw = _data((2, 32, 5, 30, 3, 1, 1, 1))
+    ts = [t.clone().requires_grad_() for t in (x, w, b)]
+
+    def f(x, w, b):
+        return conv2d_act(x, w, b, activation="hardswish", **kw).square().sum()
+
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True)(*ts).backward()
+    rs = [t.double().requires_grad_() for t in (x, w, b)]
+    F.hardswish(F.conv2d(*rs, **kw)).square().sum().backward()
+    for o, r in zip(ts, rs):
+        torch.testing.assert_close(o.grad.double(), r.grad, atol=1e-4 * max(1.0, r.grad.abs().max().item()), rtol=0)

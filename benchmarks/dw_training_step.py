@@ -1,5 +1,6 @@
-"""Training step of one depthwise layer: eager conv + activation vs hierfast's Conv2dAct with
-the fused depthwise backward, and with it switched off (the unfused backward), interleaved.
+"""Training step of one depthwise layer (stride 1 and 2, 3x3 and 5x5): eager conv + activation vs
+hierfast's Conv2dAct with the fused depthwise backward, and with it switched off (the unfused
+backward), interleaved.
 
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=1000000000 \\
         python benchmarks/dw_training_step.py
@@ -21,14 +22,17 @@ ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 def main(steps: int = 40) -> None:
     torch.set_num_threads(2)
-    for c, h in [(32, 112), (144, 56)]:
+    # channels, input size, filter, stride: MobileNetV2's stride-1 and stride-2 (downsampling)
+    # depthwise layers, and an EfficientNet 5x5
+    for c, h, ksize, stride in [(32, 112, 3, 1), (144, 56, 3, 1), (96, 112, 3, 2), (144, 56, 3, 2), (240, 28, 5, 1)]:
         for act in ACTS:
             torch.manual_seed(0)
-            conv = nn.Conv2d(c, c, 3, 1, 1, groups=c)
+            conv = nn.Conv2d(c, c, ksize, stride, ksize // 2, groups=c)
             eager = nn.Sequential(conv, ACTS[act]())
             fused = Conv2dAct.from_conv(conv, act)
             x = torch.randn(8, c, h, h).to(memory_format=torch.channels_last).requires_grad_()
-            gy = torch.randn(8, c, h, h).contiguous(memory_format=torch.channels_last)
+            oh = (h + 2 * (ksize // 2) - ksize) // stride + 1
+            gy = torch.randn(8, c, oh, oh).contiguous(memory_format=torch.channels_last)
 
             def step(m):
                 def f():
@@ -58,8 +62,9 @@ def main(steps: int = 40) -> None:
                     f()
                     times[k].append(time.perf_counter() - t)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            print(f"dw{c}@{h} {act}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
-                  + f" | hierfast vs eager {med['eager'] / med['hierfast']:.2f}x")
+            print(f"dw{ksize}x{ksize}/{stride} {c}@{h} {act}: " + ", ".join(f"{n} {v:.2f} ms" for n, v in med.items())
+                  + f" | hierfast vs eager {med['eager'] / med['hierfast']:.2f}x,"
+                  f" fused vs unfused backward {med['hierfast-unfused-bwd'] / med['hierfast']:.2f}x")
 
 
 if __name__ == "__main__":

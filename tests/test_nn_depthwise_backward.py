@@ -17,11 +17,14 @@ DW_SHAPES = [
     (2, 16, 7, 7, 3, 1, 0, 1),        # no padding: output smaller than input
     (1, 16, 6, 9, 3, 1, (2, 0), (1, 2)),  # uneven padding / dilation, padding beyond the filter reach
     (9, 64, 5, 6, 5, 1, 1, 1),        # many images, partial padding on a 5x5
+    (2, 32, 9, 9, 3, 2, 1, 1),        # stride 2 (MobileNet's downsampling layers)
+    (1, 16, 10, 11, 3, 2, 1, 1),      # stride 2, even height: the last input row feeds no output
+    (2, 16, 11, 9, 5, 2, 2, 1),       # 5x5 stride 2 (EfficientNet)
+    (1, 16, 9, 13, 3, (1, 3), (1, 0), (2, 1)),  # mixed stride, uneven padding and dilation
 ]
 # shapes it does not take (the unfused path must still be right)
 OTHER_SHAPES = [
     (2, 19, 8, 7, 3, 1, 1, 1),        # channels not a multiple of 16
-    (2, 32, 9, 9, 3, 2, 1, 1),        # stride 2
     (2, 16, 9, 9, 7, 1, 3, 1),        # 7x7
     (2, 16, 8, 9, (1, 3), 1, (0, 1), 1),  # rectangular
 ]

@@ -1,11 +1,14 @@
 // CPU backward of a depthwise conv + bias + activation, fused (channels_last, float32, one
-// filter per channel, unit stride, 3x3 or 5x5 filters, channels a multiple of 16).
+// filter per channel, 3x3 or 5x5 filters, channels a multiple of 16, any stride, padding and
+// dilation).
 //
 // Task = (image n, block of 16 channels = one 512-bit vector). Per task:
-// 1. grad_z = grad_y * act'(saved) for the block, into a zero-haloed scratch image (the bias
-//    gradient is summed on the way);
+// 1. grad_z = grad_y * act'(saved) for the block, into a zero-haloed scratch image at input
+//    resolution: output pixel (oh, ow) goes to (oh * sh, ow * sw), every other position stays
+//    zero (so strided layers need no divisibility tests below); the bias gradient is summed on
+//    the way;
 // 2. one pass over the input pixels in gather form: with g = the haloed grad_z,
-//      grad_x[ih, iw]  = sum_t w[t] * g[ih + ph - kh*dh, iw + pw - kw*dw]
+//      grad_x[ih, iw]  = sum_t w[t] * g[ih + ph - kh*dh, iw + pw - kw*dw]   (g at input resolution)
 //      grad_w[t]      += x[ih, iw] * g[same]
 //    The filter taps' weights and weight-gradient sums stay in registers; each grad_x element
 //    is written once, with no bounds checks (the halo is zero). Per pixel and 16 channels:
@@ -38,10 +41,10 @@ HIERFAST_SIMD_CLONES void fill_grad_z(const float* __restrict__ gy, const float*
                                       float* __restrict__ g, float* __restrict__ gb, const Geometry& q,
                                       int64_t n, int64_t c0, int64_t r0, int64_t col0, int64_t GW, float alpha) {
   for (int64_t oh = 0; oh < q.OH; ++oh) {
-    float* grow = g + ((oh - r0) * GW - col0) * kLanes;
+    float* grow = g + ((oh * q.sh - r0) * GW - col0) * kLanes;
     for (int64_t ow = 0; ow < q.OW; ++ow) {
       const int64_t o = ((n * q.OH + oh) * q.OW + ow) * q.C + c0;
-      float* d = grow + ow * kLanes;
+      float* d = grow + ow * q.sw * kLanes;
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
         const float v = gy[o + l] * act::derivative<float>(A, saved[o + l], alpha);
@@ -94,10 +97,13 @@ template <int A, int TAPS>
 void run(const float* gy, const float* saved, const float* x, const float* w, float* gx, double* gw_out,
          double* gb_out, const Geometry& q, float alpha, bool want_x) {
   const int64_t C = q.C, blocks = C / kLanes, tasks = q.N * blocks;
-  // Haloed grad_z coordinates: rows r = ih + ph - kh*dh over all ih, kh (columns alike), so
-  // the buffer spans [r0, r1] x [col0, col1] and holds zeros outside the output.
-  const int64_t r0 = std::min<int64_t>(0, q.ph - (q.KH - 1) * q.dh), r1 = std::max<int64_t>(q.OH - 1, q.H - 1 + q.ph);
-  const int64_t col0 = std::min<int64_t>(0, q.pw - (q.KW - 1) * q.dw), col1 = std::max<int64_t>(q.OW - 1, q.W - 1 + q.pw);
+  // Haloed grad_z coordinates: rows r = ih + ph - kh*dh over all ih, kh (columns alike); output
+  // row oh sits at r = oh * sh. The buffer spans [r0, r1] x [col0, col1] and holds zeros
+  // wherever no output pixel sits.
+  const int64_t r0 = std::min<int64_t>(0, q.ph - (q.KH - 1) * q.dh);
+  const int64_t r1 = std::max<int64_t>((q.OH - 1) * q.sh, q.H - 1 + q.ph);
+  const int64_t col0 = std::min<int64_t>(0, q.pw - (q.KW - 1) * q.dw);
+  const int64_t col1 = std::max<int64_t>((q.OW - 1) * q.sw, q.W - 1 + q.pw);
   const int64_t GH = r1 - r0 + 1, GW = col1 - col0 + 1;
   std::vector<int64_t> off(TAPS);
   for (int64_t kh = 0; kh < q.KH; ++kh)
@@ -150,8 +156,10 @@ void dw_conv_act_backward(const void* grad_y, const void* saved, const void* x, 
   const Geometry q{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13]};
   if (dtype != DType::kFloat32)
     throw std::invalid_argument(std::string("dw_conv_act_backward: float32 only, got ") + dtype_name(dtype));
-  if (q.C % kLanes != 0 || q.sh != 1 || q.sw != 1 || q.KH != q.KW || (q.KH != 3 && q.KH != 5))
-    throw std::invalid_argument("dw_conv_act_backward: needs C % 16 == 0, unit stride and a 3x3 or 5x5 filter");
+  if (q.C % kLanes != 0 || q.KH != q.KW || (q.KH != 3 && q.KH != 5))
+    throw std::invalid_argument("dw_conv_act_backward: needs C % 16 == 0 and a 3x3 or 5x5 filter");
+  if (q.sh < 1 || q.sw < 1 || q.dh < 1 || q.dw < 1 || q.ph < 0 || q.pw < 0)
+    throw std::invalid_argument("dw_conv_act_backward: stride and dilation >= 1, padding >= 0");
   const auto* gy = static_cast<const float*>(grad_y);
   const auto* s = static_cast<const float*>(saved);
   const auto* xx = static_cast<const float*>(x);

@@ -133,25 +133,20 @@ def _depthwise_forward_ok(x, w, b, p: ConvArgs, act, keep, stats) -> bool:
 def _depthwise_forward_wins(ow, k, p: ConvArgs, act, keep, stats) -> bool:
     """Where the fused depthwise forward beats the alternatives (oneDNN's fused post-op
     convolution; with a tap or Mish, torch's convolution and then our epilogue pass), by
-    measurement: ``benchmarks/dw_forward.py``, 2-core Zen 5, 2 threads, three runs on
-    2026-12-01 (this VM's run-to-run spread is +-30 %, so only what held in every run counts):
+    measurement: ``benchmarks/dw_forward.py``, 2-core Zen 5, 2 threads, 2026-12-01, at least two
+    runs per cell (this VM's run-to-run spread is +-30 %, so only what held in every run counts):
 
     * 3x3, stride 1, output rows of >= 28 px (N = 8 and 1, 32-144 channels at 56-112 px):
       ReLU6, SiLU, Hardswish, sigmoid, tanh, Mish 1.1-1.9x in inference and training; a
-      statistics tap 1.04-2.6x for every activation; GELU in training (y and the saved z in one
-      pass, against oneDNN's convolution and then torch's GELU) 1.2-1.7x. There oneDNN keeps
-      plain ReLU/leaky ReLU/identity (ours 0.8-1.1x) and GELU in inference (its JIT-compiled GELU
-      is cheaper than ours, 0.9-1.0x).
+      statistics tap 1.04-2.6x for every activation; GELU 1.07-1.28x in inference (N = 8) and
+      1.4-1.8x in training (y and the saved z in one pass), after the GELU rewrite in act.h.
+      There oneDNN keeps plain ReLU, leaky ReLU and identity (ours 0.8-1.1x).
     * 5x5, stride 2, or small images (576 channels at 14 px): oneDNN or the epilogue; ours
       measured 0.5-1.2x there, slower in two runs of three.
     """
     if k != 3 or tuple(p.stride) != (1, 1) or ow < 28:
         return False
-    if act.code in (A.GELU, A.GELU_TANH):
-        return keep or stats is not None
-    if act.code in (A.IDENTITY, A.RELU, A.LEAKY_RELU):
-        return stats is not None
-    return True
+    return act.code not in (A.IDENTITY, A.RELU, A.LEAKY_RELU) or stats is not None
 
 
 def _depthwise_forward_cpu(x, w, b, p: ConvArgs, act, keep, stats):
@@ -185,11 +180,14 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
             # y = act(conv + b) in one oneDNN primitive; backward needs only y
             y = _onednn(x, w, b, p, act)
             return y, (y if keep else None)
-        # Smooth activation in training: z = conv + b (oneDNN), y = act(z) by torch's
-        # vectorised (Sleef) kernel, measured ~2x faster than our GELU epilogue here; the
-        # gain in training is in backward (activation grad fused with the bias grad).
-        z = _onednn(x, w, b, p, A.resolve("identity"))
-        return A.apply(z, act), z
+        # Smooth activation in training: z = conv + b (oneDNN), then y = act(z) by our epilogue
+        # out of place (one pass). Measured against torch's own activation kernels on 3.6-6.4 M
+        # floats (2026-12-01, after the GELU rewrite in act.h): GELU 1.5-1.65x faster, SiLU
+        # 0.98-1.2x, Mish 6.7x.
+        z, nhwc = _layout(_onednn(x, w, b, p, A.resolve("identity")))
+        y = torch.empty_like(z)
+        run(z, y, z.shape[0], z.shape[1], z.shape[2] * z.shape[3], nhwc, None, None)
+        return y, z
     return _epilogue_forward(x, w, b, p, act, keep, stats, run)
 
 

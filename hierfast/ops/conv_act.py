@@ -122,12 +122,13 @@ def _depthwise_forward_ok(x, w, b, p: ConvArgs, act, keep, stats) -> bool:
     """The fused CPU depthwise forward (csrc/cpu/dw_conv_forward.cpp) can run this call (one
     float32 filter per channel, channels a multiple of 16, channels_last input, a square 3x3 or
     5x5 filter; any stride, padding, dilation) and is the faster choice for it."""
-    cl = torch.channels_last
-    return (x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and x.dim() == 4
+    if not (x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and x.dim() == 4
             and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
             and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5)
-            and x.is_contiguous(memory_format=cl) and min(_dw_output_size(x, w, p)) >= 1
-            and _depthwise_forward_wins(_dw_output_size(x, w, p)[1], w.shape[2], p, act, keep, stats))
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    oh, ow = _dw_output_size(x, w, p)
+    return min(oh, ow) >= 1 and _depthwise_forward_wins(ow, w.shape[2], p, act, keep, stats)
 
 
 def _depthwise_forward_wins(ow, k, p: ConvArgs, act, keep, stats) -> bool:

@@ -20,13 +20,6 @@ namespace hierfast::cpu {
 namespace {
 
 // Storage <-> compute conversions (float for half types, else the type itself).
-inline uint16_t float_to_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x7FFFFFu)) return (uint16_t)((b >> 16) | 0x40);
-  b += 0x7FFFu + ((b >> 16) & 1u);  // round to nearest even
-  return (uint16_t)(b >> 16);
-}
 inline uint16_t float_to_half(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);

@@ -1,5 +1,5 @@
-// CPU backward of a depthwise conv + bias + activation, fused (channels_last, float32, one
-// filter per channel, 3x3 or 5x5 filters, channels a multiple of 16, any stride, padding and
+// CPU backward of a depthwise conv + bias + activation, fused (channels_last, float32 or
+// bfloat16 tensors with float32 arithmetic and float64 weight/bias sums, one filter per channel, 3x3 or 5x5 filters, channels a multiple of 16, any stride, padding and
 // dilation).
 //
 // Task = (image n, block of 16 channels = one 512-bit vector). Per task:
@@ -31,13 +31,19 @@ namespace {
 
 constexpr int kLanes = 16;  // float32 channels per task (one 512-bit vector)
 
+// Element type S of the tensors (float, or uint16_t holding bfloat16 bits) <-> float.
+inline float ldf(float v) { return v; }
+inline float ldf(uint16_t v) { return bf16_bits_to_float(v); }
+inline float stf(float v, float) { return v; }
+inline uint16_t stf(float v, uint16_t) { return float_to_bf16(v); }
+
 struct Geometry {
   int64_t N, C, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
 };
 
 // grad_z of one (image, channel block) into g (GH x GW x kLanes, zero halo), bias sums to gb.
-template <int A>
-HIERFAST_SIMD_CLONES void fill_grad_z(const float* __restrict__ gy, const float* __restrict__ saved,
+template <int A, typename S>
+HIERFAST_SIMD_CLONES void fill_grad_z(const S* __restrict__ gy, const S* __restrict__ saved,
                                       float* __restrict__ g, float* __restrict__ gb, const Geometry& q,
                                       int64_t n, int64_t c0, int64_t r0, int64_t col0, int64_t GW, float alpha) {
   for (int64_t oh = 0; oh < q.OH; ++oh) {
@@ -47,7 +53,7 @@ HIERFAST_SIMD_CLONES void fill_grad_z(const float* __restrict__ gy, const float*
       float* d = grow + ow * q.sw * kLanes;
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
-        const float v = gy[o + l] * act::derivative<float>(A, saved[o + l], alpha);
+        const float v = ldf(gy[o + l]) * act::derivative<float>(A, ldf(saved[o + l]), alpha);
         d[l] = v;
         gb[l] += v;
       }
@@ -57,9 +63,9 @@ HIERFAST_SIMD_CLONES void fill_grad_z(const float* __restrict__ gy, const float*
 
 // The gather pass for one (image, channel block): grad_x (when want_x) and the weight sums.
 // off[t] = element offset of tap t in g relative to the pixel's own position.
-template <int TAPS>
-HIERFAST_SIMD_CLONES void gather(const float* __restrict__ x, const float* __restrict__ g,
-                                 const float* __restrict__ wv, float* __restrict__ gx, float* __restrict__ gw,
+template <int TAPS, typename S>
+HIERFAST_SIMD_CLONES void gather(const S* __restrict__ x, const float* __restrict__ g,
+                                 const float* __restrict__ wv, S* __restrict__ gx, float* __restrict__ gw,
                                  const int64_t* __restrict__ off, const Geometry& q, int64_t n, int64_t c0,
                                  int64_t GW, int64_t base_r, int64_t base_c, bool want_x) {
   float acc[TAPS][kLanes] = {};
@@ -72,7 +78,9 @@ HIERFAST_SIMD_CLONES void gather(const float* __restrict__ x, const float* __res
       const int64_t i = ((n * q.H + ih) * q.W + iw) * q.C + c0;
       const float* gp = grow + iw * kLanes;
       float sx[kLanes] = {};
-      const float* xi = x + i;
+      float xi[kLanes];
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) xi[l] = ldf(x[i + l]);
 #pragma GCC unroll 25
       for (int t = 0; t < TAPS; ++t) {
         const float* gt = gp + off[t];
@@ -83,9 +91,9 @@ HIERFAST_SIMD_CLONES void gather(const float* __restrict__ x, const float* __res
         }
       }
       if (want_x) {
-        float* o = gx + i;
+        S* o = gx + i;
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) o[l] = sx[l];
+        for (int l = 0; l < kLanes; ++l) o[l] = stf(sx[l], S{});
       }
     }
   }
@@ -93,8 +101,8 @@ HIERFAST_SIMD_CLONES void gather(const float* __restrict__ x, const float* __res
     for (int l = 0; l < kLanes; ++l) gw[t * kLanes + l] = acc[t][l];
 }
 
-template <int A, int TAPS>
-void run(const float* gy, const float* saved, const float* x, const float* w, float* gx, double* gw_out,
+template <int A, int TAPS, typename S>
+void run(const S* gy, const S* saved, const S* x, const S* w, S* gx, double* gw_out,
          double* gb_out, const Geometry& q, float alpha, bool want_x) {
   const int64_t C = q.C, blocks = C / kLanes, tasks = q.N * blocks;
   // Haloed grad_z coordinates: rows r = ih + ph - kh*dh over all ih, kh (columns alike); output
@@ -111,7 +119,7 @@ void run(const float* gy, const float* saved, const float* x, const float* w, fl
   // weights by block: [block][tap][lane]
   std::vector<float> wv(blocks * TAPS * kLanes);
   for (int64_t c = 0; c < C; ++c)
-    for (int t = 0; t < TAPS; ++t) wv[((c / kLanes) * TAPS + t) * kLanes + c % kLanes] = w[c * TAPS + t];
+    for (int t = 0; t < TAPS; ++t) wv[((c / kLanes) * TAPS + t) * kLanes + c % kLanes] = ldf(w[c * TAPS + t]);
   std::vector<float> parts(tasks * (TAPS + 1) * kLanes, 0.f);
 #pragma omp parallel
   {
@@ -121,9 +129,9 @@ void run(const float* gy, const float* saved, const float* x, const float* w, fl
       const int64_t n = k / blocks, b = k % blocks, c0 = b * kLanes;
       std::fill(g.begin(), g.end(), 0.f);
       float* part = parts.data() + k * (TAPS + 1) * kLanes;
-      fill_grad_z<A>(gy, saved, g.data(), part + TAPS * kLanes, q, n, c0, r0, col0, GW, alpha);
+      fill_grad_z<A, S>(gy, saved, g.data(), part + TAPS * kLanes, q, n, c0, r0, col0, GW, alpha);
       // pixel (ih, iw) sits at buffer row ih + ph - r0, column iw + pw - col0
-      gather<TAPS>(x, g.data(), wv.data() + b * TAPS * kLanes, gx, part, off.data(), q, n, c0, GW, q.ph - r0,
+      gather<TAPS, S>(x, g.data(), wv.data() + b * TAPS * kLanes, gx, part, off.data(), q, n, c0, GW, q.ph - r0,
                    q.pw - col0, want_x);
     }
   }
@@ -139,11 +147,12 @@ void run(const float* gy, const float* saved, const float* x, const float* w, fl
   }
 }
 
-template <int TAPS>
-void by_act(int code, const float* gy, const float* s, const float* x, const float* w, float* gx, double* gw,
+template <int TAPS, typename S>
+void by_act(int code, const void* gy, const void* s, const void* x, const void* w, void* gx, double* gw,
             double* gb, const Geometry& q, float alpha, bool want_x) {
   act::dispatch(code, "dw_conv_act_backward", [&](auto a) {
-    run<decltype(a)::value, TAPS>(gy, s, x, w, gx, gw, gb, q, alpha, want_x);
+    run<decltype(a)::value, TAPS, S>(static_cast<const S*>(gy), static_cast<const S*>(s), static_cast<const S*>(x),
+                                     static_cast<const S*>(w), static_cast<S*>(gx), gw, gb, q, alpha, want_x);
   });
 }
 
@@ -154,19 +163,19 @@ void dw_conv_act_backward(const void* grad_y, const void* saved, const void* x, 
                           double alpha, bool want_x) {
   const int64_t* v = geometry;
   const Geometry q{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13]};
-  if (dtype != DType::kFloat32)
-    throw std::invalid_argument(std::string("dw_conv_act_backward: float32 only, got ") + dtype_name(dtype));
+  if (dtype != DType::kFloat32 && dtype != DType::kBFloat16)
+    throw std::invalid_argument(std::string("dw_conv_act_backward: float32 or bfloat16, got ") + dtype_name(dtype));
   if (q.C % kLanes != 0 || q.KH != q.KW || (q.KH != 3 && q.KH != 5))
     throw std::invalid_argument("dw_conv_act_backward: needs C % 16 == 0 and a 3x3 or 5x5 filter");
   if (q.sh < 1 || q.sw < 1 || q.dh < 1 || q.dw < 1 || q.ph < 0 || q.pw < 0)
     throw std::invalid_argument("dw_conv_act_backward: stride and dilation >= 1, padding >= 0");
-  const auto* gy = static_cast<const float*>(grad_y);
-  const auto* s = static_cast<const float*>(saved);
-  const auto* xx = static_cast<const float*>(x);
-  const auto* ww = static_cast<const float*>(w);
-  auto* gx = static_cast<float*>(grad_x);
-  if (q.KH == 3) return by_act<9>(act_code, gy, s, xx, ww, gx, grad_w, grad_b, q, (float)alpha, want_x);
-  return by_act<25>(act_code, gy, s, xx, ww, gx, grad_w, grad_b, q, (float)alpha, want_x);
+  const float a = (float)alpha;
+  if (dtype == DType::kBFloat16) {
+    if (q.KH == 3) return by_act<9, uint16_t>(act_code, grad_y, saved, x, w, grad_x, grad_w, grad_b, q, a, want_x);
+    return by_act<25, uint16_t>(act_code, grad_y, saved, x, w, grad_x, grad_w, grad_b, q, a, want_x);
+  }
+  if (q.KH == 3) return by_act<9, float>(act_code, grad_y, saved, x, w, grad_x, grad_w, grad_b, q, a, want_x);
+  return by_act<25, float>(act_code, grad_y, saved, x, w, grad_x, grad_w, grad_b, q, a, want_x);
 }
 
 }  // namespace hierfast::cpu

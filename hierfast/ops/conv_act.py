@@ -268,11 +268,11 @@ def forward(x, w, b, p: ConvArgs, act: A.Activation, *, keep: bool = False, stat
 
 def _depthwise_fusable(gy, x, w, saved, p: ConvArgs) -> bool:
     """The fused CPU depthwise backward (csrc/cpu/dw_conv_backward.cpp) applies: one filter per
-    channel, channels a multiple of 16, float32 channels_last tensors, a 3x3 or 5x5 filter, any
-    stride (MobileNet/EfficientNet's depthwise layers). Anything else keeps the unfused path."""
+    channel, channels a multiple of 16, float32 or bfloat16 channels_last tensors (one dtype), a
+    3x3 or 5x5 filter, any stride (MobileNet/EfficientNet's depthwise layers). Anything else keeps the unfused path."""
     cl = torch.channels_last
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and gy.dtype == w.dtype == saved.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+            and gy.dtype == w.dtype == saved.dtype == x.dtype
             and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
             and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5)
             and x.is_contiguous(memory_format=cl) and saved.is_contiguous(memory_format=cl))

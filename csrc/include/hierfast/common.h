@@ -62,6 +62,15 @@ inline float bf16_bits_to_float(uint16_t b) {
   return f;
 }
 
+// float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x7FFFFFu)) return (uint16_t)((b >> 16) | 0x40);
+  b += 0x7FFFu + ((b >> 16) & 1u);  // round to nearest even
+  return (uint16_t)(b >> 16);
+}
+
 // Load element of any supported dtype as double.
 template <DType D> struct Load;
 template <> struct Load<DType::kFloat16> {

@@ -58,7 +58,7 @@ void knn2(const void* x, DType dtype, int64_t n, int64_t d, int64_t s0, int64_t 
 
 // Fused backward of y = act(depthwise_conv(x, w) + b), channels_last (csrc/cpu/dw_conv_backward.cpp):
 // grad_y, saved (y for the ReLU family, z otherwise; N x OH x OW x C), x (N x H x W x C), w (C x KH x KW)
-// of dtype (float32/float64); writes grad_x (N x H x W x C) when want_x, grad_w (C x KH x KW) and
+// of dtype (float32 or bfloat16; float32 arithmetic); writes grad_x (N x H x W x C) when want_x, grad_w (C x KH x KW) and
 // grad_b (C) in float64. geometry: N, C, H, W, OH, OW, KH, KW, stride h/w, padding h/w, dilation h/w.
 void dw_conv_act_backward(const void* grad_y, const void* saved, const void* x, const void* w, void* grad_x,
                           double* grad_w, double* grad_b, DType dtype, const int64_t* geometry, int act_code,

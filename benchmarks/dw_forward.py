@@ -5,8 +5,9 @@ hierfast.ops.conv_act._depthwise_forward_wins.
 * inference: ours against oneDNN's fused post-op convolution (Mish: against torch's
   convolution + our epilogue pass, as oneDNN has no Mish post-op);
 * training a smooth activation (the pre-activation z is saved for backward): ours, writing y and
-  z in one pass, against oneDNN's convolution and then torch's activation;
-* statistics tap: ours against torch's convolution + our epilogue with the tap.
+  z in one pass, against oneDNN's convolution and then our epilogue (z -> y);
+* statistics tap: ours against oneDNN's fused convolution and then a read-only statistics pass
+  (Mish: torch's convolution + our epilogue with the tap).
 
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=1000000000 \\
         python benchmarks/dw_forward.py [activation ...]
@@ -19,8 +20,10 @@ import sys
 import torch
 
 from bench_conv import _interleaved
+from hierfast import _dtypes
 from hierfast.ops import activations as A
 from hierfast.ops import conv_act as ops
+from hierfast.ops._launch import cpu_kernels
 
 # N, C, H, k, stride: MobileNet/EfficientNet depthwise layers
 SHAPES = [(8, 32, 112, 3, 1), (8, 144, 56, 3, 1), (8, 96, 112, 3, 2), (1, 32, 112, 3, 1), (8, 576, 14, 3, 1),
@@ -31,13 +34,21 @@ def _providers(x, w, b, p: ops.ConvArgs, act, mode):
     stats = torch.zeros(x.shape[1], 3, dtype=torch.float64) if mode == "tap" else None
     keep = mode == "train"
     ours = {"ours": lambda: ops._depthwise_forward_cpu(x, w, b, p, act, keep, stats)}
-    if mode == "tap" or A.onednn_attr(act) is None:
+    if A.onednn_attr(act) is None:
         def other():
             return ops._epilogue_forward(x, w, b, p, act, keep, stats, _epilogue_run(act))
+    elif mode == "tap":
+        def other():  # oneDNN's fused convolution, then a read-only statistics pass
+            y = ops._onednn(x, w, b, p, act)
+            cpu_kernels().conv_act_stats(y.data_ptr(), _dtypes.code(y.dtype), y.shape[0], y.shape[1],
+                                         y.shape[2] * y.shape[3], True, stats.data_ptr())
+            return y
     elif mode == "train" and not act.grad_from_output:
-        def other():
+        def other():  # what _fwd_cpu runs without the fused kernel
             z = ops._onednn(x, w, b, p, A.resolve("identity"))
-            return A.apply(z, act), z
+            y = torch.empty_like(z)
+            _epilogue_run(act)(z, y, z.shape[0], z.shape[1], z.shape[2] * z.shape[3], True, None, None)
+            return y, z
     else:
         def other():
             return ops._onednn(x, w, b, p, act)
@@ -45,9 +56,6 @@ def _providers(x, w, b, p: ops.ConvArgs, act, mode):
 
 
 def _epilogue_run(act):
-    from hierfast import _dtypes
-    from hierfast.ops._launch import cpu_kernels
-
     def run(z, y, n, c, hw, nhwc, b, stats):
         cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, hw, nhwc,
                                        0 if b is None else b.data_ptr(), act.code, act.alpha,
@@ -73,8 +81,8 @@ def main(names, rounds: int = 40) -> None:
                 with torch.no_grad():
                     res = _interleaved(fns, budget_s=1.0, min_repeats=rounds, max_repeats=rounds)
                 med = {key: r["median"] * 1e3 for key, r in res.items()}
-                alt = {"infer": "oneDNN post-op", "train": "oneDNN conv + torch act",
-                       "tap": "conv + epilogue tap"}[mode]
+                alt = {"infer": "oneDNN post-op", "train": "oneDNN conv + our epilogue",
+                       "tap": "oneDNN post-op + stats pass"}[mode]
                 if A.onednn_attr(act) is None and mode != "tap":
                     alt = "conv + epilogue"
                 print(f"| {n}, {c}, {h}, {k}x{k}, {s} | {name} | {mode} | {med['ours']:.3f} ms | "

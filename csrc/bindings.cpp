@@ -52,6 +52,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("z"), py::arg("y"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("HW"),
       py::arg("nhwc"), py::arg("bias"), py::arg("act_code"), py::arg("alpha"), py::arg("stats"));
   m.def(
+      "conv_act_stats",
+      [](uintptr_t y, int dtype, int64_t N, int64_t C, int64_t HW, bool nhwc, uintptr_t stats) {
+        py::gil_scoped_release nogil;
+        hierfast::cpu::conv_act_stats(ptr<const void>(y), DType(dtype), N, C, HW, nhwc, ptr<double>(stats));
+      },
+      py::arg("y"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("nhwc"),
+      py::arg("stats"));
+  m.def(
       "conv_act_backward",
       [](uintptr_t grad_y, uintptr_t saved, uintptr_t grad_z, int dtype, int64_t N, int64_t C,
          int64_t HW, bool nhwc, int act_code, double alpha, uintptr_t grad_bias) {

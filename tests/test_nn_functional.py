@@ -228,6 +228,24 @@ def test_cpu_epilogue_statistics_over_many_tasks(nhwc, in_place):
         torch.testing.assert_close(stats, ref, atol=0, rtol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_read_only_statistics_kernel(dtype, nhwc):
+    """conv_act_stats (the tap after oneDNN's fused convolution): y is only read, the sums are
+    added to what is there, over many OpenMP tasks, on features with a large common offset."""
+    n, c, h, w = 3, 48, 33, 31
+    y = (torch.randn(n, c, h, w, dtype=torch.float64) * 3 + 40.0).to(dtype)
+    y[:, ::3] -= 60.0  # some channels mostly negative: the positive counts differ per channel
+    y = y.to(memory_format=torch.channels_last) if nhwc else y.contiguous()
+    before = y.clone()
+    stats = torch.full((c, 3), 0.25, dtype=torch.float64)
+    cpu_kernels().conv_act_stats(y.data_ptr(), _dtypes.code(dtype), n, c, h * w, nhwc, stats.data_ptr())
+    assert torch.equal(y, before)
+    yd = y.double()
+    ref = 0.25 + torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+    torch.testing.assert_close(stats, ref, atol=0, rtol=1e-12)
+
+
 def test_stats_tap_matches_reference():
     x, w, b, kw = _data(SHAPES[3], channels_last=True)
     stats = torch.zeros(w.shape[0], 3, dtype=torch.float64)

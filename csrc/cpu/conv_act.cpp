@@ -249,6 +249,34 @@ void forward_impl(void* zv, void* yv, int64_t N, int64_t C, int64_t HW, bool nhw
   }
 }
 
+// Statistics of an existing y, read only (y from oneDNN's fused convolution: one read
+// instead of our epilogue's read + write). NCHW: parallel over channels (each channel's sums
+// have one owner); NHWC: per-thread channel arrays merged once, as in forward_impl.
+template <DType D>
+void stats_impl(const void* yv, int64_t N, int64_t C, int64_t HW, bool nhwc, double* stats) {
+  using S = typename IO<D>::S;
+  const S* y = static_cast<const S*>(yv);
+  if (!nhwc) {
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t n = 0; n < N; ++n) stats_plane<D>(y + (n * C + c) * HW, HW, stats + 3 * c);
+    return;
+  }
+  const int64_t rows = N * HW, step = rows_per_task(C);
+#pragma omp parallel
+  {
+    std::vector<double> acc(3 * C, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      const int64_t r1 = std::min(rows, r0 + step);
+      for (int64_t r = r0; r < r1; ++r) stats_row<D>(y + r * C, C, &acc[0], &acc[C], &acc[2 * C]);
+    }
+#pragma omp critical
+    for (int64_t c = 0; c < C; ++c)
+      for (int k = 0; k < 3; ++k) stats[3 * c + k] += acc[k * C + c];
+  }
+}
+
 template <DType D, int A>
 void backward_impl(const void* gv, const void* sv, void* gzv, int64_t N, int64_t C, int64_t HW,
                    bool nhwc, double alpha_d, double* gbias) {
@@ -314,6 +342,16 @@ void conv_act_forward(void* z, void* y, DType dtype, int64_t N, int64_t C, int64
     case DType::kFloat64: return by_act<DType::kFloat64, Fwd>(act_code, z, y, N, C, HW, nhwc, bias, alpha, stats);
   }
   throw std::invalid_argument("conv_act_forward: unknown dtype");
+}
+
+void conv_act_stats(const void* y, DType dtype, int64_t N, int64_t C, int64_t HW, bool nhwc, double* stats) {
+  switch (dtype) {
+    case DType::kFloat16: return stats_impl<DType::kFloat16>(y, N, C, HW, nhwc, stats);
+    case DType::kBFloat16: return stats_impl<DType::kBFloat16>(y, N, C, HW, nhwc, stats);
+    case DType::kFloat32: return stats_impl<DType::kFloat32>(y, N, C, HW, nhwc, stats);
+    case DType::kFloat64: return stats_impl<DType::kFloat64>(y, N, C, HW, nhwc, stats);
+  }
+  throw std::invalid_argument("conv_act_stats: unknown dtype");
 }
 
 void conv_act_backward(const void* grad_y, const void* saved, void* grad_z, DType dtype, int64_t N,

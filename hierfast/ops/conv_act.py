@@ -88,8 +88,9 @@ def _onednn_ok(x, act) -> bool:
     """oneDNN's fused post-op convolution can run this call. Measured on a 2-core x86
     CPU (fp32 channels_last, all 7 layers of benchmarks/bench_conv.py): it is as fast
     as torch's conv alone, and never slower than torch's conv + our epilogue, so it is
-    used wherever it exists; the C++ epilogue serves the rest (Mish, float16/64,
-    statistics taps, the pre-activation of smooth activations in training)."""
+    used wherever it exists (statistics taps then read its output once more); the C++
+    epilogue serves the rest (Mish, float16/64, y from the pre-activation of smooth
+    activations in training)."""
     return (x.dtype in (torch.float32, torch.bfloat16) and A.onednn_attr(act) is not None
             and torch.backends.mkldnn.is_available())
 
@@ -118,7 +119,7 @@ def _dw_output_size(x, w, p: ConvArgs):
             for i in range(2)]
 
 
-def _depthwise_forward_ok(x, w, b, p: ConvArgs, act, keep, stats) -> bool:
+def _depthwise_forward_ok(x, w, b, p: ConvArgs, act) -> bool:
     """The fused CPU depthwise forward (csrc/cpu/dw_conv_forward.cpp) can run this call (one
     float32 filter per channel, channels a multiple of 16, channels_last input, a square 3x3 or
     5x5 filter; any stride, padding, dilation) and is the faster choice for it."""
@@ -128,26 +129,27 @@ def _depthwise_forward_ok(x, w, b, p: ConvArgs, act, keep, stats) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last)):
         return False
     oh, ow = _dw_output_size(x, w, p)
-    return min(oh, ow) >= 1 and _depthwise_forward_wins(ow, w.shape[2], p, act, keep, stats)
+    return min(oh, ow) >= 1 and _depthwise_forward_wins(ow, w.shape[2], p, act)
 
 
-def _depthwise_forward_wins(ow, k, p: ConvArgs, act, keep, stats) -> bool:
-    """Where the fused depthwise forward beats the alternatives (oneDNN's fused post-op
-    convolution; with a tap or Mish, torch's convolution and then our epilogue pass), by
-    measurement: ``benchmarks/dw_forward.py``, 2-core Zen 5, 2 threads, 2026-12-01, at least two
-    runs per cell (this VM's run-to-run spread is +-30 %, so only what held in every run counts):
+def _depthwise_forward_wins(ow, k, p: ConvArgs, act) -> bool:
+    """Where the fused depthwise forward beats what ``_fwd_cpu`` runs otherwise (oneDNN's fused
+    post-op convolution, a statistics tap then reading its output once more; training a smooth
+    activation: oneDNN's convolution, then our epilogue for y; Mish: torch's convolution and
+    our epilogue), by measurement: ``benchmarks/dw_forward.py``, 2-core Zen 5, 2 threads,
+    2026-12-01, at least two runs per cell (this VM's run-to-run spread is +-30 %, so only what
+    held in every run counts):
 
     * 3x3, stride 1, output rows of >= 28 px (N = 8 and 1, 32-144 channels at 56-112 px):
-      ReLU6, SiLU, Hardswish, sigmoid, tanh, Mish 1.1-1.9x in inference and training; a
-      statistics tap 1.04-2.6x for every activation; GELU 1.07-1.28x in inference (N = 8) and
-      1.4-1.8x in training (y and the saved z in one pass), after the GELU rewrite in act.h.
-      There oneDNN keeps plain ReLU, leaky ReLU and identity (ours 0.8-1.1x).
-    * 5x5, stride 2, or small images (576 channels at 14 px): oneDNN or the epilogue; ours
-      measured 0.5-1.2x there, slower in two runs of three.
+      ReLU6, SiLU, Hardswish, sigmoid, tanh, Mish 1.1-1.9x in inference and training, GELU
+      1.07-1.28x in inference (N = 8) and 1.5-1.7x in training (y and the saved z in one pass);
+      their statistics taps 1.2-2.2x. oneDNN keeps plain ReLU, leaky ReLU and identity, taps
+      included (ours 0.8-1.1x at N = 8).
+    * 5x5, stride 2, or small images (576 channels at 14 px): not ours (0.5-1.25x, slower in
+      some runs).
     """
-    if k != 3 or tuple(p.stride) != (1, 1) or ow < 28:
-        return False
-    return act.code not in (A.IDENTITY, A.RELU, A.LEAKY_RELU) or stats is not None
+    return (k == 3 and tuple(p.stride) == (1, 1) and ow >= 28
+            and act.code not in (A.IDENTITY, A.RELU, A.LEAKY_RELU))
 
 
 def _depthwise_forward_cpu(x, w, b, p: ConvArgs, act, keep, stats):
@@ -174,12 +176,19 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
                                        0 if b is None else b.data_ptr(), act.code, act.alpha,
                                        0 if stats is None else stats.data_ptr())
 
-    if _depthwise_forward_ok(x, w, b, p, act, keep, stats):
+    if _depthwise_forward_ok(x, w, b, p, act):
         return _depthwise_forward_cpu(x, w, b, p, act, keep, stats)
-    if stats is None and _onednn_ok(x, act):
+    if _onednn_ok(x, act):
         if not keep or act.grad_from_output:
-            # y = act(conv + b) in one oneDNN primitive; backward needs only y
+            # y = act(conv + b) in one oneDNN primitive; backward needs only y. A statistics tap
+            # reads y once more: measured cheaper than torch's convolution + our epilogue with the
+            # tap (which reads and writes the output; 2026-12-01, N = 8: tap / untapped 1.18-1.19
+            # against 1.30-1.32 on the stem, 1.32-1.35 against 1.56-1.58 on a 1x1 64->256).
             y = _onednn(x, w, b, p, act)
+            if stats is not None:
+                yl, nhwc = _layout(y)
+                cpu_kernels().conv_act_stats(yl.data_ptr(), _dtypes.code(yl.dtype), yl.shape[0], yl.shape[1],
+                                             yl.shape[2] * yl.shape[3], nhwc, stats.data_ptr())
             return y, (y if keep else None)
         # Smooth activation in training: z = conv + b (oneDNN), then y = act(z) by our epilogue
         # out of place (one pass). Measured against torch's own activation kernels on 3.6-6.4 M
@@ -187,7 +196,7 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
         # 0.98-1.2x, Mish 6.7x.
         z, nhwc = _layout(_onednn(x, w, b, p, A.resolve("identity")))
         y = torch.empty_like(z)
-        run(z, y, z.shape[0], z.shape[1], z.shape[2] * z.shape[3], nhwc, None, None)
+        run(z, y, z.shape[0], z.shape[1], z.shape[2] * z.shape[3], nhwc, None, stats)  # tap in the same pass
         return y, z
     return _epilogue_forward(x, w, b, p, act, keep, stats, run)
 

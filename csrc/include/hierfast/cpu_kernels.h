@@ -36,6 +36,10 @@ namespace hierfast::cpu {
 void conv_act_forward(void* z, void* y, DType dtype, int64_t N, int64_t C, int64_t HW, bool nhwc,
                       const void* bias, int act_code, double alpha, double* stats);
 
+// Per-channel [sum, sum of squares, count > 0] of y (N x C x HW, NCHW or NHWC), float64, added
+// to stats (C x 3); y is only read (csrc/cpu/conv_act.cpp).
+void conv_act_stats(const void* y, DType dtype, int64_t N, int64_t C, int64_t HW, bool nhwc, double* stats);
+
 // grad_z = grad_y * act'(saved); saved is y or z (see act::grad_from_output). All three
 // share one layout. grad_bias: null or C float64 accumulators of sum(grad_z), added to.
 void conv_act_backward(const void* grad_y, const void* saved, void* grad_z, DType dtype, int64_t N,

@@ -108,6 +108,8 @@ HIERFAST_SIMD_CLONES void rows(const float* __restrict__ x, const float* __restr
   for (int t = 0; t < K * K; ++t) w[t] = ld(wv + t * kLanes);
   const v16 b = ld(bias);
   const int64_t C = q.C, sC = q.sw * C, dC = q.dw * C;
+  // K = 5 would need 8 + 25 + 4 vector registers in the shared-load form: it keeps the other one
+  const bool unit = K == 3 && q.sw == 1 && q.dw == 1;
   double st[3 * kLanes] = {};
   double* stp = out.st ? st : nullptr;
   for (int64_t oh = oh0; oh < oh1; ++oh) {
@@ -125,6 +127,30 @@ HIERFAST_SIMD_CLONES void rows(const float* __restrict__ x, const float* __restr
     const int64_t lo = full ? ow_lo : q.OW, hi = full ? ow_hi : q.OW;
     int64_t ow = 0;
     for (; ow < lo; ++ow) checked<A, K>(xr, w, b, q, ow, yr, zr, stp, alpha);
+    if (unit) {
+      // stride 1, dilation 1 along the row: the kTile + K - 1 input vectors of a tap row are
+      // loaded once and shared by all taps and pixels (a load per tap and pixel, each through
+      // its own pointer, ran out of registers: GCC spilled the pointers and accumulators)
+      for (; ow + kTile <= hi; ow += kTile) {
+        v16 acc[kTile];
+        for (int p = 0; p < kTile; ++p) acc[p] = b;
+        const int64_t i0 = (ow - q.pw) * C;
+#pragma GCC unroll 5
+        for (int kh = 0; kh < K; ++kh) {
+          const float* r = xr[kh] + i0;
+          v16 xv[kTile + K - 1];
+#pragma GCC unroll 8
+          for (int j = 0; j < kTile + K - 1; ++j) xv[j] = ld(r + j * C);
+#pragma GCC unroll 5
+          for (int kw = 0; kw < K; ++kw) {
+            const v16 wt = w[kh * K + kw];
+#pragma GCC unroll 4
+            for (int p = 0; p < kTile; ++p) acc[p] += wt * xv[p + kw];
+          }
+        }
+        finish<A, kTile>(acc, yr + ow * C, zr ? zr + ow * C : nullptr, C, stp, alpha);
+      }
+    }
     for (; ow + kTile <= hi; ow += kTile) {
       v16 acc[kTile];
       for (int p = 0; p < kTile; ++p) acc[p] = b;

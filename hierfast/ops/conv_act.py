@@ -141,15 +141,13 @@ def _depthwise_forward_wins(ow, k, p: ConvArgs, act) -> bool:
     held in every run counts):
 
     * 3x3, stride 1, output rows of >= 28 px (N = 8 and 1, 32-144 channels at 56-112 px):
-      ReLU6, SiLU, Hardswish, sigmoid, tanh, Mish 1.1-1.9x in inference and training, GELU
-      1.07-1.28x in inference (N = 8) and 1.5-1.7x in training (y and the saved z in one pass);
-      their statistics taps 1.2-2.2x. oneDNN keeps plain ReLU, leaky ReLU and identity, taps
-      included (ours 0.8-1.1x at N = 8).
+      ReLU 1.03-1.22x (after the shared-load inner loop), ReLU6, SiLU, Hardswish, sigmoid, tanh,
+      Mish 1.1-1.9x in inference and training, GELU 1.14-1.29x in inference and 1.3-1.7x in
+      training (y and the saved z in one pass); statistics taps 1.3-1.9x.
     * 5x5, stride 2, or small images (576 channels at 14 px): not ours (0.5-1.25x, slower in
       some runs).
     """
-    return (k == 3 and tuple(p.stride) == (1, 1) and ow >= 28
-            and act.code not in (A.IDENTITY, A.RELU, A.LEAKY_RELU))
+    return k == 3 and tuple(p.stride) == (1, 1) and ow >= 28
 
 
 def _depthwise_forward_cpu(x, w, b, p: ConvArgs, act, keep, stats):

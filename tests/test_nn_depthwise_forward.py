@@ -53,7 +53,7 @@ def _kernel(x, w, b, kw, act, keep, stats):
     """Call the kernel directly on NaN-poisoned outputs: every element must be written."""
     p = ops.ConvArgs(_pair(kw["stride"]), _pair(kw["padding"]), _pair(kw["dilation"]), kw["groups"])
     n, c, h, wd = x.shape
-    oh, ow = ops._dw_output_size(x, w, p)
+    oh, ow = ops._output_size(x, w, p)
     y = torch.full((n, c, oh, ow), float("nan")).to(memory_format=torch.channels_last)
     z = torch.full_like(y, float("nan")) if keep else None
     geometry = [n, c, h, wd, oh, ow, w.shape[2], w.shape[3], *p.stride, *p.padding, *p.dilation]

@@ -45,6 +45,36 @@ def _ref(x, w, b, kw, name, akw):
     return A.apply(z, A.resolve(name, **akw))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["relu", "gelu", "mish"])
+def test_low_precision_gradients_within_2x_torch_error(dtype, act):
+    """Gradients in bfloat16/float16 within 2x torch's own error. A ReLU mask is where low
+    precision bites: many pre-activations sit near zero (bias ~ -conv), and rounding conv(x, w)
+    before adding the bias flips their mask (the bias now goes into the convolution's float32
+    accumulation on these dtypes)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 8, 12, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64) / 8
+    # biases that cancel each channel's mean pre-activation: a large share of values near 0
+    b = -F.conv2d(x, w, padding=1).mean((0, 2, 3)) + 0.01 * torch.randn(16, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, 16, 12, 12, generator=g, dtype=torch.float64)
+    lo = [t.to(dtype) for t in (x, w, b)]
+
+    def grads(fn, ts, g_out):
+        ts = [t.detach().clone().requires_grad_() for t in ts]
+        fn(*ts).backward(g_out)
+        return [t.grad.double() for t in ts]
+
+    a = A.resolve(act)
+    ref = grads(lambda *t: A.apply(F.conv2d(*t, padding=1), a), [t.double() for t in lo], gy)
+    theirs = grads(lambda *t: A.apply(F.conv2d(*t, padding=1), a), lo, gy.to(dtype))
+    ours = grads(lambda *t: conv2d_act(*t, padding=1, activation=act), lo, gy.to(dtype))
+    for name, o, t, r in zip(("x", "w", "b"), ours, theirs, ref):
+        eps = torch.finfo(dtype).eps * r.abs().max().item()
+        err, tol = (o - r).abs().max().item(), 2 * (t - r).abs().max().item() + eps
+        assert err <= tol, f"{act} {dtype} grad {name}: error {err:.3g} > 2x torch's ({tol:.3g})"
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])

@@ -84,6 +84,13 @@ def _stats_reference(y, stats):
     stats[:, 2] += (yd > 0).sum(1).to(torch.float64)
 
 
+# Below this many output elements torch's convolution + our in-place epilogue beats oneDNN's
+# post-op convolution, whose call costs ~45 us more than torch's convolution regardless of size
+# (2-core Zen 5, N = 1, 2026-12-01: 1 K outputs 53 vs 87 us, 4 K 76 vs 96 us, 12.5 K 82 vs
+# 109 us for a 1x1 but 138 vs 121 us for a 3x3, 50 K and up within 3 %).
+_ONEDNN_MIN_OUTPUT = 16384
+
+
 def _onednn_ok(x, act) -> bool:
     """oneDNN's fused post-op convolution can run this call. Measured on a 2-core x86
     CPU (fp32 channels_last, all 7 layers of benchmarks/bench_conv.py): it is as fast
@@ -102,7 +109,15 @@ def _onednn(x, w, b, p, act):
 
 
 def _epilogue_forward(x, w, b, p, act, keep, stats, run):
-    z, nhwc = _layout(_conv(x, w, None, p))
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # The convolution adds the bias inside its float32 accumulation: rounding conv(x, w) to
+        # 8 or 11 bits first and adding b afterwards loses the small pre-activations that sit
+        # near -b (a bfloat16 ReLU layer then flipped 0.1 % of its gradient mask: gradients
+        # 35x torch's own bfloat16 error; tests/test_nn_depthwise_backward.py).
+        z, b = _conv(x, w, b, p), None
+    else:
+        z = _conv(x, w, None, p)
+    z, nhwc = _layout(z)
     n, c = z.shape[0], z.shape[1]
     hw = z.shape[2] * z.shape[3]
     if b is not None:
@@ -114,7 +129,14 @@ def _epilogue_forward(x, w, b, p, act, keep, stats, run):
     return y, saved
 
 
-def _dw_output_size(x, w, p: ConvArgs):
+def _output_numel(x, w, p: ConvArgs) -> int:
+    """Elements of the convolution's output (x: N x C x H x W, as conv2d_act passes it)."""
+    oh, ow = _output_size(x, w, p)
+    return x.shape[0] * w.shape[0] * max(oh, 0) * max(ow, 0)
+
+
+def _output_size(x, w, p: ConvArgs):
+    """[OH, OW] of the convolution (x: N x C x H x W)."""
     return [(x.shape[2 + i] + 2 * p.padding[i] - p.dilation[i] * (w.shape[2 + i] - 1) - 1) // p.stride[i] + 1
             for i in range(2)]
 
@@ -128,7 +150,7 @@ def _depthwise_forward_ok(x, w, b, p: ConvArgs, act) -> bool:
             and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5)
             and x.is_contiguous(memory_format=torch.channels_last)):
         return False
-    oh, ow = _dw_output_size(x, w, p)
+    oh, ow = _output_size(x, w, p)
     return min(oh, ow) >= 1 and _depthwise_forward_wins(ow, w.shape[2], p, act)
 
 
@@ -154,7 +176,7 @@ def _depthwise_forward_cpu(x, w, b, p: ConvArgs, act, keep, stats):
     """``(y, saved)`` of the fused depthwise forward: y (and z, when training a smooth activation
     needs it saved) written in one pass, ``stats`` (C x 3 float64) added to on the way."""
     n, c, h, wd = x.shape
-    oh, ow = _dw_output_size(x, w, p)
+    oh, ow = _output_size(x, w, p)
     y = torch.empty((n, c, oh, ow), dtype=x.dtype, memory_format=torch.channels_last)
     z = torch.empty_like(y) if keep and not act.grad_from_output else None
     wc = w.contiguous()
@@ -176,7 +198,7 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
 
     if _depthwise_forward_ok(x, w, b, p, act):
         return _depthwise_forward_cpu(x, w, b, p, act, keep, stats)
-    if _onednn_ok(x, act):
+    if _onednn_ok(x, act) and _output_numel(x, w, p) >= _ONEDNN_MIN_OUTPUT:
         if not keep or act.grad_from_output:
             # y = act(conv + b) in one oneDNN primitive; backward needs only y. A statistics tap
             # reads y once more: measured cheaper than torch's convolution + our epilogue with the

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hierfast import _dtypes
 from hierfast.functional import conv2d_act
 from hierfast.ops import activations as A
+from hierfast.ops import conv_act as K
 from hierfast.ops._launch import cpu_kernels
 from conftest import available_backends
 
@@ -358,3 +359,45 @@ def test_cuda_kernels_are_compiled_when_built():
     if mod is None:
         pytest.skip("hierfast was built without CUDA")
     assert hasattr(mod, "conv_act_forward") and hasattr(mod, "conv_act_backward")
+
+
+def test_onednn_weight_reuse_follows_every_change():
+    """Inference reuses oneDNN's blocked copy of the weight; every change of the weight, the
+    batch size or the mode must still give F.conv2d's answer, and nothing may stick to the
+    module (torch.save) or keep the weight alive."""
+    import gc
+    import io
+
+    from hierfast.nn import Conv2dAct
+
+    def check(m, x):
+        with torch.no_grad():
+            y = m(x)
+            ref = F.relu(F.conv2d(x, m.weight, m.bias, padding=1))
+        torch.testing.assert_close(y, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=0)
+
+    torch.manual_seed(0)
+    m = Conv2dAct(32, 32, 3, padding=1, activation="relu").to(memory_format=torch.channels_last)
+    x = torch.randn(4, 32, 16, 16).to(memory_format=torch.channels_last)
+    check(m, x)
+    assert m.weight in K._PACKED_WEIGHTS  # the reuse path was taken
+    with torch.no_grad():
+        m.weight.mul_(-2.0)  # in place
+    check(m, x)
+    m.weight.data = torch.randn_like(m.weight)  # new storage
+    check(m, x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(x).square().sum().backward()
+    opt.step()
+    check(m, x)
+    check(m, torch.randn(7, 32, 16, 16).to(memory_format=torch.channels_last))  # another batch size
+    with torch.inference_mode():
+        y = m(x)
+    torch.testing.assert_close(y, F.relu(F.conv2d(x, m.weight.detach(), m.bias.detach(), padding=1)),
+                               atol=1e-4, rtol=1e-5)
+    buf = io.BytesIO()
+    torch.save(m, buf)  # no oneDNN tensor attached to the parameters
+    n = len(K._PACKED_WEIGHTS)
+    del m, opt
+    gc.collect()
+    assert len(K._PACKED_WEIGHTS) == n - 1

@@ -85,10 +85,14 @@ def _stats_reference(y, stats):
     stats[:, 2] += (yd > 0).sum(1).to(torch.float64)
 
 
-# Below this many output elements torch's convolution + our in-place epilogue beats oneDNN's
-# post-op convolution, whose call costs ~45 us more than torch's convolution regardless of size
-# (2-core Zen 5, N = 1, 2026-12-01: 1 K outputs 53 vs 87 us, 4 K 76 vs 96 us, 12.5 K 82 vs
-# 109 us for a 1x1 but 138 vs 121 us for a 3x3, 50 K and up within 3 %).
+# In training (no reuse of oneDNN's blocked weight, see _packed_weight), below this many output
+# elements torch's convolution + our in-place epilogue beats oneDNN's post-op convolution, whose
+# call costs ~45 us more than torch's convolution regardless of size (2-core Zen 5, N = 1,
+# 2026-12-01: 1 K outputs 53 vs 87 us, 4 K 76 vs 96 us, 12.5 K 82 vs 109 us for a 1x1 but 138
+# vs 121 us for a 3x3, 50 K and up within 3 %). In inference the reused weight removes most of
+# that cost and the reorder (N = 1: 3x3 64 @4 37 us against 26 us for conv + epilogue and 19 us
+# eager, 64 @8 44 / 46 / 41, 256 @7 177 / 426 / 416, 512 @4 461 / 752 / 721, 1x1 256->1024 @7
+# 100 / 193 / 187), so inference on channels_last input always takes it.
 _ONEDNN_MIN_OUTPUT = 16384
 
 
@@ -104,7 +108,7 @@ def _onednn_ok(x, act) -> bool:
 
 
 def _onednn(x, w, b, p, act, *, reuse_weight=False):
-    """oneDNN's post-op convolution. ``reuse_weight`` (inference): use, and keep on ``w``, oneDNN's
+    """oneDNN's post-op convolution. ``reuse_weight`` (inference): use, and keep for ``w``, oneDNN's
     blocked copy of the weight for this input shape, while ``w`` is unchanged."""
     attr, scalars, algo = A.onednn_attr(act)
     wk = _packed_weight(x, w, p) if reuse_weight else w
@@ -229,13 +233,16 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
 
     if _depthwise_forward_ok(x, w, b, p, act):
         return _depthwise_forward_cpu(x, w, b, p, act, keep, stats)
-    if _onednn_ok(x, act) and _output_numel(x, w, p) >= _ONEDNN_MIN_OUTPUT:
+    # a reused (blocked) weight makes oneDNN write channels_last: only for channels_last input,
+    # so y keeps torch's memory format
+    reuse = not keep and x.is_contiguous(memory_format=torch.channels_last)
+    if _onednn_ok(x, act) and (reuse or _output_numel(x, w, p) >= _ONEDNN_MIN_OUTPUT):
         if not keep or act.grad_from_output:
             # y = act(conv + b) in one oneDNN primitive; backward needs only y. A statistics tap
             # reads y once more: measured cheaper than torch's convolution + our epilogue with the
             # tap (which reads and writes the output; 2026-12-01, N = 8: tap / untapped 1.18-1.19
             # against 1.30-1.32 on the stem, 1.32-1.35 against 1.56-1.58 on a 1x1 64->256).
-            y = _onednn(x, w, b, p, act, reuse_weight=not keep)
+            y = _onednn(x, w, b, p, act, reuse_weight=reuse)
             if stats is not None:
                 yl, nhwc = _layout(y)
                 cpu_kernels().conv_act_stats(yl.data_ptr(), _dtypes.code(yl.dtype), yl.shape[0], yl.shape[1],

@@ -9,6 +9,7 @@ keep the pre-activation ``z``: recomputing it would mean re-running the convolut
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -55,6 +56,11 @@ class Activation:
         return f"{self.name}({extra})" if extra else self.name
 
 
+@functools.lru_cache(maxsize=64)
+def _resolve_name(name: str) -> Activation:
+    return _resolve(name)
+
+
 def resolve(activation, **kwargs) -> Activation:
     """``"relu"``, ``"gelu", approximate="tanh"``, ``"leaky_relu", negative_slope=0.2``,
     ``None`` (identity), or an :class:`Activation` -> :class:`Activation`."""
@@ -62,6 +68,12 @@ def resolve(activation, **kwargs) -> Activation:
         if kwargs:
             raise TypeError(f"activation is already resolved ({activation}); do not pass {sorted(kwargs)}")
         return activation
+    if not kwargs and isinstance(activation, str):
+        return _resolve_name(activation)  # the common call: cached (Activation is frozen)
+    return _resolve(activation, **kwargs)
+
+
+def _resolve(activation, **kwargs) -> Activation:
     if activation is None:
         activation = "identity"
     if not isinstance(activation, str):
@@ -148,10 +160,15 @@ def derivative(s: torch.Tensor, act: Activation) -> torch.Tensor:
 
 
 # oneDNN fused post-ops (torch.ops.mkldnn._convolution_pointwise): code -> (attr, scalars, algorithm)
+# (a module constant: this is looked up on every fused conv call)
+_ONEDNN = {
+    IDENTITY: ("none", [], None), RELU: ("relu", [], None), RELU6: ("hardtanh", [0.0, 6.0], None),
+    GELU: ("gelu", [], "none"), GELU_TANH: ("gelu", [], "tanh"), SILU: ("swish", [], None),
+    HARDSWISH: ("hardswish", [], None), SIGMOID: ("sigmoid", [], None), TANH: ("tanh", [], None),
+}  # Mish: no oneDNN post-op
+
+
 def onednn_attr(act: Activation):
-    return {
-        IDENTITY: ("none", [], None), RELU: ("relu", [], None), RELU6: ("hardtanh", [0.0, 6.0], None),
-        LEAKY_RELU: ("leaky_relu", [act.alpha], None), GELU: ("gelu", [], "none"),
-        GELU_TANH: ("gelu", [], "tanh"), SILU: ("swish", [], None), HARDSWISH: ("hardswish", [], None),
-        SIGMOID: ("sigmoid", [], None), TANH: ("tanh", [], None),
-    }.get(act.code)  # Mish: no oneDNN post-op
+    if act.code == LEAKY_RELU:
+        return ("leaky_relu", [act.alpha], None)
+    return _ONEDNN.get(act.code)  # Mish: no oneDNN post-op

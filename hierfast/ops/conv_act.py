@@ -24,6 +24,8 @@ gradient (one pass), then ``aten.convolution_backward`` for input and weight.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.utils.weak
 
@@ -96,6 +98,11 @@ def _stats_reference(y, stats):
 _ONEDNN_MIN_OUTPUT = 16384
 
 
+@functools.lru_cache(maxsize=None)
+def _mkldnn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
 def _onednn_ok(x, act) -> bool:
     """oneDNN's fused post-op convolution can run this call. Measured on a 2-core x86
     CPU (fp32 channels_last, all 7 layers of benchmarks/bench_conv.py): it is as fast
@@ -103,8 +110,7 @@ def _onednn_ok(x, act) -> bool:
     used wherever it exists (statistics taps then read its output once more); the C++
     epilogue serves the rest (Mish, float16/64, y from the pre-activation of smooth
     activations in training)."""
-    return (x.dtype in (torch.float32, torch.bfloat16) and A.onednn_attr(act) is not None
-            and torch.backends.mkldnn.is_available())
+    return x.dtype in (torch.float32, torch.bfloat16) and A.onednn_attr(act) is not None and _mkldnn_available()
 
 
 def _onednn(x, w, b, p, act, *, reuse_weight=False):
@@ -131,7 +137,7 @@ def _packed_weight(x, w, p):
     most one copy per weight. Tensors without a version counter (inference-mode tensors) are
     not cached."""
     try:
-        key = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, tuple(x.shape), x.dtype, p)
+        key = (w._version, w.data_ptr(), w.shape, w.stride(), w.dtype, x.shape, x.dtype, p)
     except RuntimeError:  # inference tensors track no version
         return w
     cached = _PACKED_WEIGHTS.get(w)

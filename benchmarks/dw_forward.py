@@ -20,10 +20,8 @@ import sys
 import torch
 
 from bench_conv import _interleaved
-from hierfast import _dtypes
 from hierfast.ops import activations as A
 from hierfast.ops import conv_act as ops
-from hierfast.ops._launch import cpu_kernels
 
 # N, C, H, k, stride: MobileNet/EfficientNet depthwise layers
 SHAPES = [(8, 32, 112, 3, 1), (8, 144, 56, 3, 1), (8, 96, 112, 3, 2), (1, 32, 112, 3, 1), (8, 576, 14, 3, 1),
@@ -36,31 +34,22 @@ def _providers(x, w, b, p: ops.ConvArgs, act, mode):
     ours = {"ours": lambda: ops._depthwise_forward_cpu(x, w, b, p, act, keep, stats)}
     if A.onednn_attr(act) is None:
         def other():
-            return ops._epilogue_forward(x, w, b, p, act, keep, stats, _epilogue_run(act))
+            return ops._epilogue_forward(x, w, b, p, act, keep, stats, ops._cpu_epilogue(act))
     elif mode == "tap":
         def other():  # oneDNN's fused convolution, then a read-only statistics pass
-            y = ops._onednn(x, w, b, p, act)
-            cpu_kernels().conv_act_stats(y.data_ptr(), _dtypes.code(y.dtype), y.shape[0], y.shape[1],
-                                         y.shape[2] * y.shape[3], True, stats.data_ptr())
+            y = ops._onednn(x, w, b, p, act, reuse_weight=True)
+            ops._cpu_stats(y, stats)
             return y
     elif mode == "train" and not act.grad_from_output:
         def other():  # what _fwd_cpu runs without the fused kernel
             z = ops._onednn(x, w, b, p, A.resolve("identity"))
             y = torch.empty_like(z)
-            _epilogue_run(act)(z, y, z.shape[0], z.shape[1], z.shape[2] * z.shape[3], True, None, None)
+            ops._cpu_epilogue(act)(z, y, z.shape[0], z.shape[1], z.shape[2] * z.shape[3], True, None, None)
             return y, z
     else:
-        def other():
-            return ops._onednn(x, w, b, p, act)
+        def other():  # inference: _fwd_cpu reuses oneDNN's blocked weight
+            return ops._onednn(x, w, b, p, act, reuse_weight=True)
     return {**ours, "other": other}
-
-
-def _epilogue_run(act):
-    def run(z, y, n, c, hw, nhwc, b, stats):
-        cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, hw, nhwc,
-                                       0 if b is None else b.data_ptr(), act.code, act.alpha,
-                                       0 if stats is None else stats.data_ptr())
-    return run
 
 
 def main(names, rounds: int = 40) -> None:

@@ -202,6 +202,14 @@ HIERFAST_SIMD_CLONES void stats_plane(const typename IO<D>::S* __restrict__ y, i
   }
 }
 
+// One thread's NHWC sums ([0, C) sums, [C, 2C) squares, [2C, 3C) positive counts) into the
+// (C x 3) statistics, one thread at a time.
+inline void add_channel_sums(double* stats, const std::vector<double>& acc, int64_t C) {
+#pragma omp critical
+  for (int64_t c = 0; c < C; ++c)
+    for (int k = 0; k < 3; ++k) stats[3 * c + k] += acc[k * C + c];
+}
+
 // Rows of NHWC are short (C elements); group rows so that each task is >= ~4k elements.
 inline int64_t rows_per_task(int64_t C) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)); }
 
@@ -215,14 +223,21 @@ void forward_impl(void* zv, void* yv, int64_t N, int64_t C, int64_t HW, bool nhw
   const S* b = static_cast<const S*>(bv);
   const Cc alpha = (Cc)alpha_d;
   if (!nhwc) {
-    // Parallel over channels, batch inside: each channel's statistics have one owner.
-#pragma omp parallel for schedule(static) collapse(2) if (!stats)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t off = (n * C + c) * HW;
-        fwd_run<D, A>(z + off, y + off, HW, b ? IO<D>::ld(b[c]) : (Cc)0, nullptr, alpha);
-        if (stats) stats_plane<D>(y + off, HW, stats + 3 * c);
-      }
+    auto plane = [&](int64_t c, int64_t n) {
+      const int64_t off = (n * C + c) * HW;
+      fwd_run<D, A>(z + off, y + off, HW, b ? IO<D>::ld(b[c]) : (Cc)0, nullptr, alpha);
+      if (stats) stats_plane<D>(y + off, HW, stats + 3 * c);
+    };
+    if (stats) {
+      // parallel over channels, batch inside: each channel's statistics have one owner
+#pragma omp parallel for schedule(static)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t n = 0; n < N; ++n) plane(c, n);
+    } else {
+#pragma omp parallel for schedule(static) collapse(2)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t n = 0; n < N; ++n) plane(c, n);
+    }
     return;
   }
   const int64_t rows = N * HW, step = rows_per_task(C);
@@ -241,17 +256,12 @@ void forward_impl(void* zv, void* yv, int64_t N, int64_t C, int64_t HW, bool nhw
       if (stats)
         for (int64_t r = r0; r < r1; ++r) stats_row<D>(y + r * C, C, &acc[0], &acc[C], &acc[2 * C]);
     }
-    if (stats) {
-#pragma omp critical
-      for (int64_t c = 0; c < C; ++c)
-        for (int k = 0; k < 3; ++k) stats[3 * c + k] += acc[k * C + c];
-    }
+    if (stats) add_channel_sums(stats, acc, C);
   }
 }
 
 // Statistics of an existing y, read only (y from oneDNN's fused convolution: one read
-// instead of our epilogue's read + write). NCHW: parallel over channels (each channel's sums
-// have one owner); NHWC: per-thread channel arrays merged once, as in forward_impl.
+// instead of our epilogue's read + write); parallel as forward_impl with statistics.
 template <DType D>
 void stats_impl(const void* yv, int64_t N, int64_t C, int64_t HW, bool nhwc, double* stats) {
   using S = typename IO<D>::S;
@@ -271,9 +281,7 @@ void stats_impl(const void* yv, int64_t N, int64_t C, int64_t HW, bool nhwc, dou
       const int64_t r1 = std::min(rows, r0 + step);
       for (int64_t r = r0; r < r1; ++r) stats_row<D>(y + r * C, C, &acc[0], &acc[C], &acc[2 * C]);
     }
-#pragma omp critical
-    for (int64_t c = 0; c < C; ++c)
-      for (int k = 0; k < 3; ++k) stats[3 * c + k] += acc[k * C + c];
+    add_channel_sums(stats, acc, C);
   }
 }
 

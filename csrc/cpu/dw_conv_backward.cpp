@@ -1,6 +1,6 @@
 // CPU backward of a depthwise conv + bias + activation, fused (channels_last, float32 or
-// bfloat16 tensors with float32 arithmetic and float64 weight/bias sums, one filter per channel, 3x3 or 5x5 filters, channels a multiple of 16, any stride, padding and
-// dilation).
+// bfloat16 tensors with float32 arithmetic and float64 weight/bias sums, one filter per
+// channel, 3x3 or 5x5 filters, channels a multiple of 16, any stride, padding and dilation).
 //
 // Task = (image n, block of 16 channels = one 512-bit vector). Per task:
 // 1. grad_z = grad_y * act'(saved) for the block, into a zero-haloed scratch image at input

@@ -182,14 +182,20 @@ def _output_size(x, w, p: ConvArgs):
             for i in range(2)]
 
 
-def _depthwise_forward_ok(x, w, b, p: ConvArgs, act) -> bool:
-    """The fused CPU depthwise forward (csrc/cpu/dw_conv_forward.cpp) can run this call (one
-    float32 filter per channel, channels a multiple of 16, channels_last input, a square 3x3 or
-    5x5 filter; any stride, padding, dilation) and is the faster choice for it."""
-    if not (x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and x.dim() == 4
-            and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
+def _depthwise_shape_ok(x, w, p: ConvArgs) -> bool:
+    """What both fused depthwise kernels need of the layer: 4-D channels_last input, one filter
+    per channel, channels a multiple of 16 (whole 512-bit vectors), a square 3x3 or 5x5 filter."""
+    return (x.dim() == 4 and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
             and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5)
-            and x.is_contiguous(memory_format=torch.channels_last)):
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _depthwise_forward_ok(x, w, b, p: ConvArgs, act) -> bool:
+    """The fused CPU depthwise forward (csrc/cpu/dw_conv_forward.cpp) can run this call
+    (:func:`_depthwise_shape_ok`, float32; any stride, padding, dilation) and is the faster
+    choice for it."""
+    if not (x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32)
+            and _depthwise_shape_ok(x, w, p)):
         return False
     oh, ow = _output_size(x, w, p)
     return min(oh, ow) >= 1 and _depthwise_forward_wins(ow, w.shape[2], p, act)
@@ -209,6 +215,10 @@ def _depthwise_forward_wins(ow, k, p: ConvArgs, act) -> bool:
       training (y and the saved z in one pass); statistics taps 1.3-1.9x.
     * 5x5, stride 2, or small images (576 channels at 14 px): not ours (0.5-1.25x, slower in
       some runs).
+
+    Those inference figures predate the reuse of oneDNN's blocked weight (_packed_weight).
+    Against the reusing path (three more runs): ReLU 0.92-1.56x, SiLU 1.35-1.76x, GELU
+    0.88-1.14x, i.e. parity for GELU inference; the choice was left as it is.
     """
     return k == 3 and tuple(p.stride) == (1, 1) and ow >= 28
 
@@ -230,12 +240,27 @@ def _depthwise_forward_cpu(x, w, b, p: ConvArgs, act, keep, stats):
     return y, saved
 
 
-@FORWARD.register("cpu", devices=("cpu",), dtypes=_FLOATS)
-def _fwd_cpu(x, w, b, p, act, keep, stats):
+def _cpu_epilogue(act):
+    """``run(z, y, n, c, hw, nhwc, b, stats)`` for :func:`_epilogue_forward`: the C++ pass
+    y = act(z + b) (in place when y is z), statistics of y added to ``stats`` when given."""
     def run(z, y, n, c, hw, nhwc, b, stats):
         cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, hw, nhwc,
                                        0 if b is None else b.data_ptr(), act.code, act.alpha,
                                        0 if stats is None else stats.data_ptr())
+    return run
+
+
+def _cpu_stats(y, stats):
+    """Add y's per-channel [sum, sum of squares, count > 0] to ``stats`` (C x 3 float64), reading
+    y once (hierfast._C.conv_act_stats)."""
+    yl, nhwc = _layout(y)
+    cpu_kernels().conv_act_stats(yl.data_ptr(), _dtypes.code(yl.dtype), yl.shape[0], yl.shape[1],
+                                 yl.shape[2] * yl.shape[3], nhwc, stats.data_ptr())
+
+
+@FORWARD.register("cpu", devices=("cpu",), dtypes=_FLOATS)
+def _fwd_cpu(x, w, b, p, act, keep, stats):
+    run = _cpu_epilogue(act)
 
     if _depthwise_forward_ok(x, w, b, p, act):
         return _depthwise_forward_cpu(x, w, b, p, act, keep, stats)
@@ -250,9 +275,7 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
             # against 1.30-1.32 on the stem, 1.32-1.35 against 1.56-1.58 on a 1x1 64->256).
             y = _onednn(x, w, b, p, act, reuse_weight=reuse)
             if stats is not None:
-                yl, nhwc = _layout(y)
-                cpu_kernels().conv_act_stats(yl.data_ptr(), _dtypes.code(yl.dtype), yl.shape[0], yl.shape[1],
-                                             yl.shape[2] * yl.shape[3], nhwc, stats.data_ptr())
+                _cpu_stats(y, stats)
             return y, (y if keep else None)
         # Smooth activation in training: z = conv + b (oneDNN), then y = act(z) by our epilogue
         # out of place (one pass). Measured against torch's own activation kernels on 3.6-6.4 M
@@ -340,15 +363,12 @@ def forward(x, w, b, p: ConvArgs, act: A.Activation, *, keep: bool = False, stat
 
 
 def _depthwise_fusable(gy, x, w, saved, p: ConvArgs) -> bool:
-    """The fused CPU depthwise backward (csrc/cpu/dw_conv_backward.cpp) applies: one filter per
-    channel, channels a multiple of 16, float32 or bfloat16 channels_last tensors (one dtype), a
-    3x3 or 5x5 filter, any stride (MobileNet/EfficientNet's depthwise layers). Anything else keeps the unfused path."""
-    cl = torch.channels_last
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
-            and gy.dtype == w.dtype == saved.dtype == x.dtype
-            and p.groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.shape[1] % 16 == 0
-            and w.shape[2] == w.shape[3] and w.shape[2] in (3, 5)
-            and x.is_contiguous(memory_format=cl) and saved.is_contiguous(memory_format=cl))
+    """The fused CPU depthwise backward (csrc/cpu/dw_conv_backward.cpp) applies:
+    :func:`_depthwise_shape_ok`, float32 or bfloat16 tensors of one dtype, any stride
+    (MobileNet/EfficientNet's depthwise layers). Anything else keeps the unfused path."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and gy.dtype == w.dtype == saved.dtype == x.dtype and _depthwise_shape_ok(x, w, p)
+            and saved.is_contiguous(memory_format=torch.channels_last))
 
 
 def _depthwise_backward_cpu(gy, x, w, saved, p: ConvArgs, act: A.Activation, want_x: bool):

@@ -21,6 +21,8 @@ __all__ = ["conv2d_act"]
 
 # --------------------------------------------------------------------------- argument checks
 def _pair(v, name: str) -> tuple[int, int]:
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:  # nn.Conv2d's form
+        return v
     if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
@@ -55,7 +57,7 @@ def _check(x, w, b):
         raise ValueError(f"bias must have shape ({w.shape[0]},) (one per output channel), got {tuple(b.shape)}")
 
 
-def _resolve_padding(padding, w, stride, dilation):
+def _resolve_padding(padding, w_shape, stride, dilation):
     """-> (symmetric padding pair, F.pad amounts or None) as torch's conv2d does."""
     if isinstance(padding, str):
         if padding == "valid":
@@ -65,7 +67,7 @@ def _resolve_padding(padding, w, stride, dilation):
         if stride != (1, 1):
             raise ValueError("padding='same' is not supported for strided convolutions (as in torch.nn.Conv2d)")
         sym, extra = [], []
-        for d, k in zip(dilation, w.shape[2:]):
+        for d, k in zip(dilation, w_shape[2:]):
             total = d * (k - 1)
             left = total // 2
             sym.append(left)
@@ -77,6 +79,58 @@ def _resolve_padding(padding, w, stride, dilation):
     if min(p) < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
     return p, None
+
+
+def _geometry(stride, padding, dilation, groups, w_shape, x_shape):
+    """Validated ``(ConvArgs, F.pad amounts or None)`` for an input of shape ``x_shape``
+    (N x C x H x W) and a weight of shape ``w_shape``; raises as ``nn.Conv2d`` would."""
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"stride and dilation must be >= 1, got stride={stride}, dilation={dilation}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    cin = x_shape[1]
+    if w_shape[0] % groups:
+        raise ValueError(f"out_channels ({w_shape[0]}) must be divisible by groups ({groups})")
+    if cin != w_shape[1] * groups:
+        raise ValueError(f"Given groups={groups}, weight of size {list(w_shape)}, expected input"
+                         f"{list(x_shape)} to have {w_shape[1] * groups} channels, but got {cin} channels "
+                         "instead")
+    pad, extra = _resolve_padding(padding, w_shape, stride, dilation)
+    for i in (0, 1):
+        eff = dilation[i] * (w_shape[2 + i] - 1) + 1
+        size = x_shape[2 + i] + (extra[3 - 2 * i] if extra is not None else 0)
+        if size + 2 * pad[i] < eff:
+            raise ValueError(f"input spatial size {tuple(x_shape[2:])} (padded by {pad}) is smaller than the "
+                             f"dilated kernel size {eff} in dimension {i}")
+    return K.ConvArgs(stride, pad, dilation, groups), extra
+
+
+def _exact(v) -> bool:
+    """``v`` is an int, a string or a tuple of ints, by exact type: a cache key that cannot
+    confuse ``True`` with ``1`` (they hash and compare equal)."""
+    t = type(v)
+    return t is int or t is str or (t is tuple and all(type(i) is int for i in v))
+
+
+# (stride, padding, dilation, groups, weight shape, input shape) -> _geometry(...): validating the
+# arguments costs ~8 us a call, as much as a small layer's whole convolution; layers call with
+# the same arguments every time. Bounded: cleared when full.
+_GEOMETRY: dict = {}
+
+
+def _cached_geometry(stride, padding, dilation, groups, w_shape, x_shape):
+    if not (_exact(stride) and _exact(padding) and _exact(dilation) and type(groups) is int):
+        return _geometry(stride, padding, dilation, groups, w_shape, x_shape)
+    key = (stride, padding, dilation, groups, w_shape, x_shape)
+    hit = _GEOMETRY.get(key)
+    if hit is None:
+        hit = _geometry(*key)
+        if len(_GEOMETRY) >= 4096:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = hit
+    return hit
 
 
 # --------------------------------------------------------------------------- autograd (eager)
@@ -201,41 +255,23 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         input, weight = input.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     _check(input, weight, bias)
-    stride = _pair(stride, "stride")
-    dilation = _pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1:
-        raise ValueError(f"stride and dilation must be >= 1, got stride={stride}, dilation={dilation}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    cin = x.shape[1]
-    if weight.shape[0] % groups:
-        raise ValueError(f"out_channels ({weight.shape[0]}) must be divisible by groups ({groups})")
-    if cin != weight.shape[1] * groups:
-        raise ValueError(f"Given groups={groups}, weight of size {list(weight.shape)}, expected input"
-                         f"{list(x.shape)} to have {weight.shape[1] * groups} channels, but got {cin} channels "
-                         "instead")
-    pad, extra = _resolve_padding(padding, weight, stride, dilation)
+    p, extra = _cached_geometry(stride, padding, dilation, groups, weight.shape, x.shape)
     if extra is not None:
         x = F.pad(x, extra)
-    for i in (0, 1):
-        eff = dilation[i] * (weight.shape[2 + i] - 1) + 1
-        if x.shape[2 + i] + 2 * pad[i] < eff:
-            raise ValueError(f"input spatial size {tuple(x.shape[2:])} (padded by {pad}) is smaller than the "
-                             f"dilated kernel size {eff} in dimension {i}")
     if stats is not None:
         if not isinstance(stats, torch.Tensor) or stats.dtype != torch.float64 \
                 or tuple(stats.shape) != (weight.shape[0], 3) or stats.device != x.device or not stats.is_contiguous():
             raise ValueError(f"stats must be a contiguous float64 tensor of shape ({weight.shape[0]}, 3) on "
                              f"{x.device}")
-    p = K.ConvArgs(stride, pad, dilation, groups)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
     if _traced(x, weight, bias):
         if stats is not None:
             raise ValueError("stats taps are eager-only; they cannot be used under torch.compile/export")
-        y, _ = torch.ops.hierfast.conv2d_act(x, weight, bias, list(stride), list(pad), list(dilation), groups,
-                                             act.name, act.code, act.alpha, needs_grad)
+        y, _ = torch.ops.hierfast.conv2d_act(x, weight, bias, list(p.stride), list(p.padding), list(p.dilation),
+                                             p.groups, act.name, act.code, act.alpha, needs_grad)
     elif needs_grad:
         y = _ConvActFn.apply(x, weight, bias, p, act, backend, stats)
     else:

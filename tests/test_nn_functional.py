@@ -26,6 +26,20 @@ SHAPES = [
     (2, 4, 5, 5, 3, (1, 3), (2, 1), (0, 1), (1, 2), 1),  # rectangular kernel, mixed stride
 ]
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
+# The CPU backend picks oneDNN's post-op convolution or torch's convolution + our epilogue by the
+# layer's size: the test shapes are small, so each test that covers the CPU paths forces both too.
+CPU_PATHS = ["by_size", "onednn", "epilogue"]
+BACKEND_PATHS = [(b, path) for b in CPU_BACKENDS for path in (CPU_PATHS if b == "cpu" else CPU_PATHS[:1])]
+
+
+def _force_cpu_path(monkeypatch, path):
+    """Make the CPU backend take oneDNN's post-op convolution (where it runs the call) or our
+    epilogue whatever the layer's size; "by_size" leaves the measured limits alone."""
+    if path == "by_size":
+        return
+    limit = 0 if path == "onednn" else 1 << 62
+    for name in ("_ONEDNN_MIN_OUTPUT", "_REUSE_MIN_OUTPUT", "_REUSE_MIN_MACS"):
+        monkeypatch.setattr(K, name, limit)
 
 
 def _data(shape, dtype=torch.float32, channels_last=False, bias=True):
@@ -76,10 +90,11 @@ def test_low_precision_gradients_within_2x_torch_error(dtype, act):
         assert err <= tol, f"{act} {dtype} grad {name}: error {err:.3g} > 2x torch's ({tol:.3g})"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS, ids=[f"{b}-{p}" for b, p in BACKEND_PATHS])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
-def test_forward_fp32_matches_float64(shape, channels_last, backend):
+def test_forward_fp32_matches_float64(shape, channels_last, backend, path, monkeypatch):
+    _force_cpu_path(monkeypatch, path)
     for (name, akw), bias in zip(ACTS, [True, False] * 6):
         x, w, b, kw = _data(shape, channels_last=channels_last, bias=bias)
         y = conv2d_act(x, w, b, activation=name, backend=backend, **kw, **akw)
@@ -123,9 +138,11 @@ def test_gradcheck_float64(act, backend):
                                                                **kw, **akw), args)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
-def test_fp32_gradients_match_float64(act, channels_last):
+def test_fp32_gradients_match_float64(act, channels_last, path, monkeypatch):
+    _force_cpu_path(monkeypatch, path)
     name, akw = act
     for shape in (SHAPES[0], SHAPES[4]):
         x, w, b, kw = _data(shape, channels_last=channels_last)
@@ -234,6 +251,47 @@ def test_errors(bad, exc, match):
     with pytest.raises(exc, match=match):
         conv2d_act(a["x"], a["w"], a["b"], stride=a["stride"], padding=a["padding"], activation=a["activation"],
                    **a["akw"])
+
+
+def test_validated_arguments_are_cached_but_never_loosened():
+    """The validated geometry is cached per (arguments, shapes): a cached call must not let a
+    bad argument through that compares equal to a good one (True == 1), and errors repeat."""
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    ref = F.relu(F.conv2d(x, w, stride=1, padding=1))
+    for _ in range(2):
+        torch.testing.assert_close(conv2d_act(x, w, stride=(1, 1), padding=(1, 1)), ref)
+        torch.testing.assert_close(conv2d_act(x, w, stride=[1, 1], padding=1), ref)  # lists: not cached
+    for bad in (dict(stride=True), dict(stride=(True, 1)), dict(padding=(1, True)), dict(dilation=(1, 1.0))):
+        with pytest.raises(TypeError, match="must be an int or a pair of ints"):
+            conv2d_act(x, w, **{"stride": 1, "padding": 1, **bad})
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        conv2d_act(x, w, padding=1, groups=True)
+    for _ in range(2):  # an error is raised again, not cached as a result
+        with pytest.raises(ValueError, match="to have 4 channels, but got 5"):
+            conv2d_act(torch.randn(2, 5, 8, 8), w, padding=1)
+        with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+            conv2d_act(torch.randn(2, 4, 2, 2), w, padding=0)
+    # the shapes are part of the key: another input size gets its own check and answer
+    x2 = torch.randn(3, 4, 5, 7)
+    torch.testing.assert_close(conv2d_act(x2, w, padding=(1, 1)), F.relu(F.conv2d(x2, w, padding=1)))
+    # padding="same" with an even kernel pads one extra row/column: the size check counts it
+    w4 = torch.randn(6, 4, 4, 4)
+    x4 = torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(conv2d_act(x4, w4, padding="same"), F.relu(F.conv2d(x4, w4, padding="same")))
+
+
+def test_cpu_path_choice_by_size():
+    """The measured limits of _onednn_pays: small layers take torch's conv + our epilogue, large
+    ones oneDNN (inference with the kept weight: by outputs or multiply-adds; training: outputs)."""
+    p = K.ConvArgs((1, 1), (1, 1), (1, 1), 1)
+
+    def pays(c, hw, k, reuse, n=1):
+        return K._onednn_pays(torch.empty(n, c, hw, hw), torch.empty(c, c, k, k), K.ConvArgs((1, 1), (k // 2,) * 2,
+                                                                                             (1, 1), 1), reuse)
+    assert not pays(16, 8, 3, True) and not pays(64, 7, 3, True) and not pays(64, 16, 1, True)
+    assert pays(128, 4, 3, True) and pays(32, 28, 1, True) and pays(256, 7, 1, True)
+    assert not pays(256, 7, 3, False) and pays(64, 16, 3, False) and pays(16, 16, 3, False, n=4)
+    assert K._output_numel(torch.empty(2, 3, 9, 8), torch.empty(5, 3, 3, 2), p) == 2 * 5 * 9 * 9
 
 
 @pytest.mark.parametrize("nhwc", [False, True])

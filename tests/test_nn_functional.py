@@ -193,6 +193,66 @@ def test_nan_propagates_like_torch(dtype):
         assert torch.equal(torch.isnan(y), torch.isnan(ref)), name
 
 
+EXTREMES = [float("-inf"), float("inf"), float("nan"), -3e38, -1e30, 1e30, -1e4, -100.0, -88.5, -88.0, -87.5,
+            -87.0, -13.5, -9.0, 0.0, 9.0, 20.5, 88.3, 88.7, 1e4]
+
+
+def _accurate(z, act):
+    """float64 activation accurate in the tails: torch's float64 GELUs compute 1 + erf(x / sqrt 2)
+    and 1 + tanh(u), which cancel to 0 far below zero (GELU(-9) = -1.0e-18 and tanh-GELU(-9) =
+    -1.4e-28, not -0); erfc and the sigmoid form do not."""
+    if act.code == A.GELU:
+        return z * 0.5 * torch.special.erfc(-z * 0.5 ** 0.5)
+    if act.code == A.GELU_TANH:
+        return z * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (z + 0.044715 * z ** 3))
+    return A.apply(z, act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_activation_and_gradient_at_the_ends_of_the_float_range(act, dtype):
+    """Every activation and its derivative in the C++ kernels at +-inf, NaN, huge and underflowing
+    inputs, against float64 (NaN exactly where it gives NaN, the same infinities, elsewhere within
+    2x the error of torch's own op in ``dtype`` + 1e-30: underflow to 0 is allowed, a small
+    nonzero number where the limit is 0 is not; SiLU, Mish and tanh-GELU once gave -6e-9 at
+    -1e30 and -0.6 at -3e38). Through the epilogue (1x1 depthwise conv) and the fused depthwise
+    forward and backward (3x3, rows of 40 px)."""
+    name, akw = act
+    a = A.resolve(name, **akw)
+    c, width = 32, 2 * len(EXTREMES)  # the fused depthwise kernels' limits: 16-lane blocks, rows >= 28 px
+    v = torch.tensor(EXTREMES, dtype=torch.float64)
+    x = torch.stack([v.roll(i).repeat(2) for i in range(c)])  # every value in every channel, shifted
+    x = x.reshape(1, c, 1, width).to(dtype).to(memory_format=torch.channels_last)
+
+    def check(what, out, ref, theirs):
+        nan = torch.isnan(ref)
+        assert torch.equal(torch.isnan(out), nan), \
+            f"{what}: NaN pattern differs at inputs {x[torch.isnan(out) != nan][:4].tolist()}"
+        o, r, t = out.double()[~nan], ref[~nan], theirs.double()[~nan]
+        inf = torch.isinf(r)
+        assert torch.equal(o[inf], r[inf]), f"{what}: infinities differ at inputs {x[~nan][inf][o[inf] != r[inf]]}"
+        o, r, t = o[~inf], r[~inf], t[~inf]
+        tol = 2 * (t - r).abs().nan_to_num(0.0, 0.0, 0.0) + 1e-30 + 2 * torch.finfo(dtype).eps * r.abs()
+        bad = (o - r).abs() > tol
+        assert not bad.any(), f"{what}: {o[bad][:4].tolist()} where float64 gives {r[bad][:4].tolist()} " \
+            f"(inputs {x[~nan][~inf][bad][:4].tolist()})"
+
+    w1 = torch.ones(c, 1, 1, 1, dtype=dtype)
+    w3 = torch.zeros(c, 1, 3, 3, dtype=dtype)
+    w3[:, 0, :, 1] = 1  # 3x3 filter of a 1-row image: only its centre row meets data
+    for w, pad in ((w1, 0), (w3, 1)):
+        k = w.shape[-1]
+        xr, xt, xo = (x.double().requires_grad_(), x.detach().clone().requires_grad_(),
+                      x.detach().clone().requires_grad_())
+        ref = _accurate(F.conv2d(xr, w.double(), padding=pad, groups=c), a)
+        theirs = A.apply(F.conv2d(xt, w, padding=pad, groups=c), a)
+        ours = conv2d_act(xo, w, None, padding=pad, groups=c, activation=name, backend="cpu", **akw)
+        for t in (ref, theirs, ours):
+            t.backward(torch.ones_like(t))
+        check(f"{name} {k}x{k} forward", ours, ref.detach(), theirs.detach())
+        check(f"{name} {k}x{k} gradient", xo.grad, xr.grad, xt.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -134,9 +134,9 @@ def derivative(s: torch.Tensor, act: Activation) -> torch.Tensor:
     c, one = act.code, torch.ones_like(s)
     if c == IDENTITY:
         return one
-    if c == RELU:
-        return (s > 0).to(s.dtype)
-    if c == RELU6:
+    if c == RELU:  # NaN -> 1, as torch's threshold_backward
+        return (~(s <= 0)).to(s.dtype)
+    if c == RELU6:  # NaN -> 0, as torch's (vectorised) hardtanh_backward
         return ((s > 0) & (s < 6)).to(s.dtype)
     if c == LEAKY_RELU:
         return torch.where(s > 0, one, one * act.alpha)

@@ -86,8 +86,12 @@ template <typename T> HF_HD T vabs(T a) { return a < (T)0 ? -a : a; }
 
 // exp(x) for float: Cephes expf (range reduction by ln2, degree-6 polynomial).
 // Rounding to nearest via the 1.5 * 2^23 trick (vectorises; floorf does not).
+// Saturates like exp: 0 below x = -87.7 (no denormals) and +inf above 88.4 (2^n's exponent
+// field is clamped to [0, 255]). It used to clamp x to [-87, 88] instead, which left
+// sigmoid(-1e30) = 6e-39, not 0: SiLU, Mish and tanh-GELU then gave -6e-9 at z = -1e30, -0.6
+// at -1e38 (a bfloat16 value) and -inf at -inf, where torch gives -0 and NaN.
 HF_HD float fexp(float x) {
-  x = vmin(vmax(x, -87.0f), 88.0f);
+  x = vmin(vmax(x, -88.8f), 88.8f);
   float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500E-4f;
@@ -97,7 +101,9 @@ HF_HD float fexp(float x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.0f;
-  return p * bits_to_float((uint32_t)((int32_t)n + 127) << 23);
+  int32_t k = (int32_t)n + 127;  // in [-1, 255]
+  k = k < 0 ? 0 : k;
+  return p * bits_to_float((uint32_t)k << 23);
 }
 HF_HD double fexp(double x) { return exp(x); }
 
@@ -168,11 +174,12 @@ template <typename T> HF_HD T forward(int code, T z, T alpha) {
 }
 
 // d act / d z, from y (grad_from_output codes) or from z (the others). Boundary
-// conventions follow torch's backward kernels.
+// conventions follow torch's (vectorised) backward kernels, NaN included: at a NaN input
+// ReLU's derivative is 1, ReLU6's 0, leaky ReLU's the slope; the others give NaN.
 template <typename T> HF_HD T derivative(int code, T s, T alpha) {
   switch (code) {
-    case kReLU: return s > (T)0 ? (T)1 : (T)0;                      // s = y
-    case kReLU6: return (s > (T)0 && s < (T)6) ? (T)1 : (T)0;       // s = y
+    case kReLU: return s <= (T)0 ? (T)0 : (T)1;                     // s = y
+    case kReLU6: return (s > (T)0 && s < (T)6) ? (T)1 : (T)0;       // s = y (NaN: 0, as torch)
     case kLeakyReLU: return s > (T)0 ? (T)1 : alpha;                // s = y (alpha > 0) or z
     case kSigmoid: return s * ((T)1 - s);                           // s = y
     case kTanh: return (T)1 - s * s;                                // s = y
@@ -183,13 +190,17 @@ template <typename T> HF_HD T derivative(int code, T s, T alpha) {
     case kGELUTanh: {
       T u = (T)kSqrt2OverPi * (s + (T)kGeluC * s * s * s);
       T sg = sigmoid((T)2 * u);
-      return sg + s * (T)2 * sg * ((T)1 - sg) * (T)kSqrt2OverPi * ((T)1 + (T)(3 * kGeluC) * s * s);
+      // Far out sg (1 - sg) is exactly 0: multiplied first, and s^2 capped (beyond |s| = 100 it
+      // no longer matters), so that no overflow (2 s, s^2 in float) turns 0 * inf into NaN
+      // where the derivative is 1 or 0
+      return sg + s * (sg * ((T)1 - sg)) * (T)(2 * kSqrt2OverPi) *
+                      ((T)1 + (T)(3 * kGeluC) * vmin(s * s, (T)1e4));
     }
     case kSiLU: {
       T sg = sigmoid(s);
       return sg * ((T)1 + s * ((T)1 - sg));
     }
-    case kHardswish: return s < (T)-3 ? (T)0 : (s <= (T)3 ? s / (T)3 + (T)0.5 : (T)1);
+    case kHardswish: return s < (T)-3 ? (T)0 : (s > (T)3 ? (T)1 : s / (T)3 + (T)0.5);
     case kMish: {
       T t = tanh_softplus(s);
       return t + s * sigmoid(s) * ((T)1 - t * t);

@@ -38,7 +38,7 @@ def _force_cpu_path(monkeypatch, path):
     if path == "by_size":
         return
     limit = 0 if path == "onednn" else 1 << 62
-    for name in ("_ONEDNN_MIN_OUTPUT", "_REUSE_MIN_OUTPUT", "_REUSE_MIN_MACS"):
+    for name in ("_ONEDNN_MIN_OUTPUT", "_ONEDNN_MIN_MACS_KEPT", "_ONEDNN_MIN_MACS_REORDERED"):
         monkeypatch.setattr(K, name, limit)
 
 
@@ -138,11 +138,9 @@ def test_gradcheck_float64(act, backend):
                                                                **kw, **akw), args)
 
 
-@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
-def test_fp32_gradients_match_float64(act, channels_last, path, monkeypatch):
-    _force_cpu_path(monkeypatch, path)
+def test_fp32_gradients_match_float64(act, channels_last):
     name, akw = act
     for shape in (SHAPES[0], SHAPES[4]):
         x, w, b, kw = _data(shape, channels_last=channels_last)
@@ -342,16 +340,39 @@ def test_validated_arguments_are_cached_but_never_loosened():
 
 def test_cpu_path_choice_by_size():
     """The measured limits of _onednn_pays: small layers take torch's conv + our epilogue, large
-    ones oneDNN (inference with the kept weight: by outputs or multiply-adds; training: outputs)."""
+    ones oneDNN, by outputs or multiply-adds (benchmarks/small_layers.py paths; inference only)."""
     p = K.ConvArgs((1, 1), (1, 1), (1, 1), 1)
 
     def pays(c, hw, k, reuse, n=1):
         return K._onednn_pays(torch.empty(n, c, hw, hw), torch.empty(c, c, k, k), K.ConvArgs((1, 1), (k // 2,) * 2,
                                                                                              (1, 1), 1), reuse)
+    # kept weight (inference): >= 20 K outputs or >= 2 M multiply-adds
     assert not pays(16, 8, 3, True) and not pays(64, 7, 3, True) and not pays(64, 16, 1, True)
     assert pays(128, 4, 3, True) and pays(32, 28, 1, True) and pays(256, 7, 1, True)
-    assert not pays(256, 7, 3, False) and pays(64, 16, 3, False) and pays(16, 16, 3, False, n=4)
+    # weight reordered per call (NCHW input): >= 20 K outputs or >= 5 M multiply-adds
+    assert not pays(128, 4, 3, False) and not pays(256, 7, 1, False) and not pays(64, 16, 1, False)
+    assert pays(64, 14, 3, False) and pays(256, 7, 3, False) and pays(32, 28, 1, False) and pays(16, 40, 3, False)
     assert K._output_numel(torch.empty(2, 3, 9, 8), torch.empty(5, 3, 3, 2), p) == 2 * 5 * 9 * 9
+
+
+def test_training_never_takes_onednn(monkeypatch):
+    """Training (saved tensors for backward) runs torch's convolution + our epilogue whatever the
+    layer's size (timed as whole steps: oneDNN's forward never paid); inference on a large
+    channels_last layer takes oneDNN."""
+    calls = []
+    real = K._onednn
+    monkeypatch.setattr(K, "_onednn", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(4, 32, 32, 32).to(memory_format=torch.channels_last)
+    w = torch.randn(32, 32, 3, 3) / 17
+    p = K.ConvArgs((1, 1), (1, 1), (1, 1), 1)
+    for name in ("relu", "gelu"):
+        a = A.resolve(name)
+        y, saved = K._fwd_cpu(x, w, None, p, a, True, None)
+        ref = A.apply(F.conv2d(x.double(), w.double(), padding=1), a)
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=0)
+        assert saved is not None and not calls, name
+    K._fwd_cpu(x, w, None, p, A.resolve("relu"), False, None)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("nhwc", [False, True])

@@ -88,23 +88,22 @@ def _stats_reference(y, stats):
     stats[:, 2] += (yd > 0).sum(1).to(torch.float64)
 
 
-# In training (no reuse of oneDNN's blocked weight, see _packed_weight), below this many output
-# elements torch's convolution + our in-place epilogue beats oneDNN's post-op convolution, whose
-# call costs ~45 us more than torch's convolution regardless of size (2-core Zen 5, N = 1,
-# 2026-12-01: 1 K outputs 53 vs 87 us, 4 K 76 vs 96 us, 12.5 K 82 vs 109 us for a 1x1 but 138
-# vs 121 us for a 3x3, 50 K and up within 3 %). In inference the reused weight removes most of
-# that cost and the reorder (N = 1: 3x3 64 @4 37 us against 26 us for conv + epilogue and 19 us
-# eager, 64 @8 44 / 46 / 41, 256 @7 177 / 426 / 416, 512 @4 461 / 752 / 721, 1x1 256->1024 @7
-# 100 / 193 / 187), so inference on channels_last input always takes it.
-_ONEDNN_MIN_OUTPUT = 16384
-# With the reused weight, oneDNN's call still costs ~24 us however small the layer, against ~7 us
-# for torch's convolution + our epilogue, so small layers take the latter: oneDNN where the
-# output has >= 20 K elements or the convolution >= 2 M multiply-adds (N = 1, 2 threads,
-# 2026-12-02, 3x3 and 1x1 layers of 16-512 channels at 4-28 px, ReLU and GELU: epilogue / oneDNN
-# time 0.2-0.7 below both limits, e.g. 3x3 32@8 15 vs 26 us, 1x1 64@16 21-26 vs 28-30 us;
-# 0.9-2.8 above them, e.g. 3x3 64@14 52 vs 96 us; nearest misses 3x3 64@8 (2.4 M) 0.92-1.03 and
-# 3x3 16@28 (1.8 M) 1.22-1.30).
-_REUSE_MIN_OUTPUT, _REUSE_MIN_MACS = 20000, 2_000_000
+# Where oneDNN's post-op convolution pays in inference, by layer size (`benchmarks/small_layers.py
+# paths`, N = 1, channels_last, 2 threads, 2026-12-02: 3x3 and 1x1 layers of 16-512 channels at
+# 4-28 px, ReLU and GELU, against torch's convolution + our epilogue; training never takes it, see
+# _fwd_cpu). Its call costs ~24 us however small the layer (torch's conv + epilogue: ~7 us), but
+# past a size torch's own convolution is the slower one (N = 1 3x3 256 @7: 464 against 268 us).
+# oneDNN where the output has >= 20 K elements or the convolution >= 2 M multiply-adds with the
+# blocked weight kept (channels_last input), >= 5 M when oneDNN reorders the weight on every call
+# (NCHW input):
+# * kept weight: epilogue / oneDNN time 0.2-0.7 below both limits (3x3 32 @8 15 vs 26 us, 1x1 64 @16
+#   21-26 vs 28-30 us), 0.9-2.8 above (3x3 64 @14 52 vs 96 us); nearest misses 3x3 64 @8 (2.4 M)
+#   0.92-1.03, 3x3 16 @28 (1.8 M) 1.22-1.30.
+# * reordered weight (timed as forward calls, channels_last): 0.16-0.9 below (1x1 64 @16 26 vs 49
+#   us, 1x1 512 @4 93 vs 197 us), mostly 0.9-1.7 above (3x3 64 @14 83.6 vs 109 us, 256 @7 268 vs
+#   464 us); parity (0.9-1.1) on the large layers.
+_ONEDNN_MIN_OUTPUT = 20000
+_ONEDNN_MIN_MACS_KEPT, _ONEDNN_MIN_MACS_REORDERED = 2_000_000, 5_000_000
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,39 +271,34 @@ def _onednn_pays(x, w, p: ConvArgs, reuse: bool) -> bool:
     """oneDNN's post-op convolution (with its weight kept when ``reuse``) is the faster choice
     for this layer's size, against torch's convolution + our epilogue (see the limits above)."""
     numel = _output_numel(x, w, p)
-    if not reuse:
-        return numel >= _ONEDNN_MIN_OUTPUT
-    return numel >= _REUSE_MIN_OUTPUT or numel * w.shape[1] * w.shape[2] * w.shape[3] >= _REUSE_MIN_MACS
+    macs = numel * w.shape[1] * w.shape[2] * w.shape[3]
+    return numel >= _ONEDNN_MIN_OUTPUT or macs >= (_ONEDNN_MIN_MACS_KEPT if reuse else _ONEDNN_MIN_MACS_REORDERED)
 
 
 @FORWARD.register("cpu", devices=("cpu",), dtypes=_FLOATS)
 def _fwd_cpu(x, w, b, p, act, keep, stats):
-    run = _cpu_epilogue(act)
-
     if _depthwise_forward_ok(x, w, b, p, act):
         return _depthwise_forward_cpu(x, w, b, p, act, keep, stats)
-    # a reused (blocked) weight makes oneDNN write channels_last: only for channels_last input,
-    # so y keeps torch's memory format
-    reuse = not keep and x.is_contiguous(memory_format=torch.channels_last)
-    if _onednn_ok(x, act) and _onednn_pays(x, w, p, reuse):
-        if not keep or act.grad_from_output:
-            # y = act(conv + b) in one oneDNN primitive; backward needs only y. A statistics tap
-            # reads y once more: measured cheaper than torch's convolution + our epilogue with the
-            # tap (which reads and writes the output; 2026-12-01, N = 8: tap / untapped 1.18-1.19
-            # against 1.30-1.32 on the stem, 1.32-1.35 against 1.56-1.58 on a 1x1 64->256).
+    # Training (keep) always takes torch's convolution + our epilogue (y, and z for a smooth
+    # activation, in one pass): timed as whole training steps (forward + backward, 2026-12-02), a
+    # oneDNN forward, which reorders the weight on every call, was never faster: parity on the
+    # N = 8 layers of bench_conv (0.99-1.03), 3-23 % slower on N = 1 layers (3x3 512 @4 5.6 against
+    # 4.3 ms, 1x1 64 @16 229 against 175 us; forward-only timings had favoured it: the reorder's
+    # traffic shows only once a backward has evicted the weight from cache).
+    if not keep and _onednn_ok(x, act):
+        # a reused (blocked) weight makes oneDNN write channels_last: only for channels_last input,
+        # so y keeps torch's memory format
+        reuse = x.is_contiguous(memory_format=torch.channels_last)
+        if _onednn_pays(x, w, p, reuse):
+            # y = act(conv + b) in one oneDNN primitive. A statistics tap reads y once more:
+            # measured cheaper than torch's convolution + our epilogue with the tap (which reads
+            # and writes the output; 2026-12-01, N = 8: tap / untapped 1.18-1.19 against 1.30-1.32
+            # on the stem, 1.32-1.35 against 1.56-1.58 on a 1x1 64->256).
             y = _onednn(x, w, b, p, act, reuse_weight=reuse)
             if stats is not None:
                 _cpu_stats(y, stats)
-            return y, (y if keep else None)
-        # Smooth activation in training: z = conv + b (oneDNN), then y = act(z) by our epilogue
-        # out of place (one pass). Measured against torch's own activation kernels on 3.6-6.4 M
-        # floats (2026-12-01, after the GELU rewrite in act.h): GELU 1.5-1.65x faster, SiLU
-        # 0.98-1.2x, Mish 6.7x.
-        z, nhwc = _layout(_onednn(x, w, b, p, A.resolve("identity")))
-        y = torch.empty_like(z)
-        run(z, y, z.shape[0], z.shape[1], z.shape[2] * z.shape[3], nhwc, None, stats)  # tap in the same pass
-        return y, z
-    return _epilogue_forward(x, w, b, p, act, keep, stats, run)
+            return y, None
+    return _epilogue_forward(x, w, b, p, act, keep, stats, _cpu_epilogue(act))
 
 
 @FORWARD.register("cuda", devices=("cuda",), dtypes=_FLOATS)

@@ -3,11 +3,11 @@
 Definition (``reference``): ``y = act(conv2d(x, w) + b)`` with symmetric explicit
 padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
 
-* ``cpu``: float32/bfloat16: oneDNN's fused post-op convolution
-  (``torch.ops.mkldnn._convolution_pointwise``, see :func:`_onednn_ok`); oneDNN has no
-  backward, so training supplies its own (below). Elsewhere: torch's convolution
-  without bias, then ONE C++/OpenMP pass adding the bias and applying the activation
-  in place (``hierfast._C.conv_act_forward``). Depthwise float32 channels_last layers where
+* ``cpu``: inference in float32/bfloat16 on layers large enough (:func:`_onednn_pays`): oneDNN's
+  fused post-op convolution (``torch.ops.mkldnn._convolution_pointwise``, see :func:`_onednn_ok`).
+  Training and the rest: torch's convolution without bias, then ONE C++/OpenMP pass adding the
+  bias and applying the activation in place (``hierfast._C.conv_act_forward``; y and the saved
+  pre-activation of a smooth activation in one pass; the identity activation needs no pass). Depthwise float32 channels_last layers where
   it measured faster (:func:`_depthwise_forward_wins`) run our fused depthwise forward
   instead (``hierfast._C.dw_conv_act_forward``: conv, bias, activation, the saved
   pre-activation and the statistics tap in one pass). Caveat: oneDNN's ReLU family maps a
@@ -20,7 +20,9 @@ padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
   and activation in the epilogue (hierfast/kernels/conv_act.py).
 
 Backward (every backend): ``grad_z = grad_y * act'(saved)`` fused with the bias
-gradient (one pass), then ``aten.convolution_backward`` for input and weight.
+gradient (one pass; the identity passes grad_y through), then ``aten.convolution_backward``
+for input and weight. CPU depthwise float32/bfloat16 channels_last layers: all of it in one
+fused pass (``hierfast._C.dw_conv_act_backward``).
 """
 from __future__ import annotations
 
@@ -112,12 +114,11 @@ def _mkldnn_available() -> bool:
 
 
 def _onednn_ok(x, act) -> bool:
-    """oneDNN's fused post-op convolution can run this call. Measured on a 2-core x86
-    CPU (fp32 channels_last, all 7 layers of benchmarks/bench_conv.py): it is as fast
-    as torch's conv alone, and never slower than torch's conv + our epilogue, so it is
-    used wherever it exists (statistics taps then read its output once more); the C++
-    epilogue serves the rest (Mish, float16/64, y from the pre-activation of smooth
-    activations in training)."""
+    """oneDNN's fused post-op convolution can run this call (float32/bfloat16, an activation
+    it has as a post-op: not Mish). Measured on a 2-core x86 CPU (fp32 channels_last, all 7
+    layers of benchmarks/bench_conv.py): in inference it is as fast as torch's conv alone, so
+    it serves inference on layers above the size limits of :func:`_onednn_pays` (statistics
+    taps then read its output once more)."""
     return x.dtype in (torch.float32, torch.bfloat16) and A.onednn_attr(act) is not None and _mkldnn_available()
 
 

@@ -121,7 +121,9 @@ _GEOMETRY: dict = {}
 
 
 def _cached_geometry(stride, padding, dilation, groups, w_shape, x_shape):
-    if not (_exact(stride) and _exact(padding) and _exact(dilation) and type(groups) is int):
+    # not under torch.compile: a dict keyed on the shapes would specialise dynamic shapes (a
+    # recompile per input size), and the checks run once per trace anyway
+    if is_compiling() or not (_exact(stride) and _exact(padding) and _exact(dilation) and type(groups) is int):
         return _geometry(stride, padding, dilation, groups, w_shape, x_shape)
     key = (stride, padding, dilation, groups, w_shape, x_shape)
     hit = _GEOMETRY.get(key)

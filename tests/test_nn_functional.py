@@ -459,6 +459,25 @@ def test_compile_fullgraph_forward_backward():
         torch.testing.assert_close(g.double(), r.grad, atol=1e-3 * max(1, r.grad.abs().max().item()), rtol=0)
 
 
+def test_compile_dynamic_shapes_do_not_recompile():
+    """Under torch.compile(dynamic=True) new input sizes reuse the graph: conv2d_act's argument
+    checks must not specialise the shapes (a dict keyed on them did: one graph per size)."""
+    from torch._dynamo.utils import counters
+
+    w, b = torch.randn(6, 4, 3, 3), torch.randn(6)
+
+    def f(x):
+        return conv2d_act(x, w, b, padding=1, activation="gelu")
+
+    torch._dynamo.reset()
+    counters.clear()
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for n, h in ((2, 9), (3, 11), (5, 7)):
+        x = torch.randn(n, 4, h, h)
+        torch.testing.assert_close(cf(x), F.gelu(F.conv2d(x, w, b, padding=1)), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_export():
     class M(torch.nn.Module):
         def __init__(self):

@@ -126,7 +126,10 @@ def _cached_geometry(stride, padding, dilation, groups, w_shape, x_shape):
     if is_compiling() or not (_exact(stride) and _exact(padding) and _exact(dilation) and type(groups) is int):
         return _geometry(stride, padding, dilation, groups, w_shape, x_shape)
     key = (stride, padding, dilation, groups, w_shape, x_shape)
-    hit = _GEOMETRY.get(key)
+    try:
+        hit = _GEOMETRY.get(key)
+    except TypeError:  # symbolic shapes (make_fx tracing): SymInts do not hash
+        return _geometry(*key)
     if hit is None:
         hit = _geometry(*key)
         if len(_GEOMETRY) >= 4096:

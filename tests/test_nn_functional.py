@@ -478,6 +478,18 @@ def test_compile_dynamic_shapes_do_not_recompile():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_make_fx_symbolic_shapes():
+    """make_fx with symbolic shapes (no dynamo: the shapes are SymInts, which do not hash)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w, b = torch.randn(6, 4, 3, 3), torch.randn(6)
+    g = make_fx(lambda x, w, b: conv2d_act(x, w, b, padding=1, activation="relu"), tracing_mode="symbolic")(
+        torch.randn(2, 4, 9, 9), w, b)
+    assert any("hierfast.conv2d_act" in str(n.target) for n in g.graph.nodes)
+    x = torch.randn(3, 4, 7, 11)
+    torch.testing.assert_close(g(x, w, b), F.relu(F.conv2d(x, w, b, padding=1)), atol=1e-5, rtol=1e-5)
+
+
 def test_export():
     class M(torch.nn.Module):
         def __init__(self):

@@ -3,6 +3,7 @@
     python benchmarks/small_layers.py calls [activation]
     python benchmarks/small_layers.py paths [activation]
     python benchmarks/small_layers.py steps [activation] [n8]
+    python benchmarks/small_layers.py train [activation]
 
 ``calls``: ``Conv2dAct`` against eager ``nn.Conv2d`` + activation, microseconds per call, N = 1,
 inference and training forward, the minimum over 7 rounds of back-to-back calls (the per-call
@@ -10,11 +11,15 @@ floor, not this VM's noise).
 ``paths``: inference on channels_last input, oneDNN's post-op convolution with its blocked weight
 kept against torch's convolution + our epilogue, over 3x3 and 1x1 layers of 16-512 channels at
 4-28 px, N = 1 (the limits of ``_onednn_pays``); "epilogue / oneDNN" above 1: oneDNN is faster.
-``steps``: whole training steps (forward + backward), eager against Conv2dAct with its forward
-forced onto oneDNN (weight reordered per call) or onto torch's convolution + our epilogue,
-interleaved; N = 1 layers, or with ``n8`` the N = 8 layers of bench_conv. The reason training never
-takes oneDNN (``_fwd_cpu``). 2 threads.
+``steps``: whole training steps (forward + backward), eager against Conv2dAct through the fused
+op (at every size: small layers otherwise train on torch's own ops, ``eager_training_pays``)
+with its forward forced onto oneDNN (weight reordered per call) or onto torch's convolution + our
+epilogue, interleaved; N = 1 layers, or with ``n8`` the N = 8 layers of bench_conv. The reason
+training never takes oneDNN (``_fwd_cpu``).
+``train``: whole training steps by layer size: eager, the fused op, and Conv2dAct as it runs (torch's
+own ops below ``eager_training_pays`` outputs). 2 threads.
 """
+import contextlib
 import sys
 import time
 
@@ -89,6 +94,17 @@ def paths_table(act_name: str) -> None:
                       f"{pick} |")
 
 
+@contextlib.contextmanager
+def _fused_at_every_size():
+    """Conv2dAct trains through the fused op whatever the layer's size (ops.eager_training_pays)."""
+    limits = ops._EAGER_TRAIN_MAX_OUTPUT_FROM_Y, ops._EAGER_TRAIN_MAX_OUTPUT_SMOOTH
+    ops._EAGER_TRAIN_MAX_OUTPUT_FROM_Y = ops._EAGER_TRAIN_MAX_OUTPUT_SMOOTH = 0
+    try:
+        yield
+    finally:
+        ops._EAGER_TRAIN_MAX_OUTPUT_FROM_Y, ops._EAGER_TRAIN_MAX_OUTPUT_SMOOTH = limits
+
+
 def _step(model, x, gy, force=None):
     """One training step of ``model``; ``force`` ("onednn" / "epilogue") makes Conv2dAct's forward
     take that path by calling the CPU backend's pieces directly (what _fwd_cpu ran before 2026-12-02
@@ -118,7 +134,8 @@ def _step(model, x, gy, force=None):
         impl = ops.FORWARD.impls["cpu"]
         impl.fn = fwd
         try:
-            run()
+            with _fused_at_every_size():  # (small layers otherwise train on torch's ops)
+                run()
         finally:
             impl.fn = real
     return forced
@@ -155,17 +172,51 @@ def steps_table(act: str, n8: bool) -> None:
         print(f"| {name} | {e:.0f} us | {o:.0f} us | {p:.0f} us | {p / o:.2f} |", flush=True)
 
 
+def train_table(act: str) -> None:
+    """Whole training steps by layer size: eager, the fused op at every size, and Conv2dAct as it
+    runs (torch's own ops below the size limits of ops.eager_training_pays): their measurements."""
+    from bench_conv import _interleaved
+
+    def fused_op(model, x, gy):
+        run = _step(model, x, gy)
+
+        def f():
+            with _fused_at_every_size():
+                run()
+        return f
+
+    print(f"| layer, {act}, training step | outputs | eager | fused op | Conv2dAct as it runs | eager / fused op |")
+    print("|---|---|---|---|---|---|")
+    layers = [(3, 64, 14, 1), (3, 64, 28, 1), (3, 64, 28, 2), (3, 64, 28, 4), (3, 64, 56, 1), (3, 64, 56, 2),
+              (3, 128, 28, 2), (3, 256, 14, 4), (1, 64, 16, 1), (1, 64, 28, 2), (1, 256, 14, 2), (1, 64, 56, 2),
+              (1, 128, 28, 8)]
+    for k, c, hw, n in layers:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(c, c, k, padding=k // 2).to(memory_format=torch.channels_last)
+        x = torch.randn(n, c, hw, hw).to(memory_format=torch.channels_last).requires_grad_()
+        gy = torch.randn(n, c, hw, hw).to(memory_format=torch.channels_last)
+        eager = nn.Sequential(conv, nn.ReLU() if act == "relu" else nn.GELU())
+        fused = Conv2dAct.from_conv(conv, act)
+        r = _interleaved({"eager": _step(eager, x, gy), "fused": fused_op(fused, x, gy), "auto": _step(fused, x, gy)},
+                         budget_s=3, min_repeats=30, max_repeats=300)
+        e, f, a = (r[q]["median"] * 1e6 for q in ("eager", "fused", "auto"))
+        print(f"| {k}x{k} {c} @{hw} N={n} | {n * c * hw * hw} | {e:.0f} us | {f:.0f} us | {a:.0f} us | {e / f:.2f} |",
+              flush=True)
+
+
 def main() -> None:
     torch.set_num_threads(2)
     what = sys.argv[1] if len(sys.argv) > 1 else "calls"
     act = sys.argv[2] if len(sys.argv) > 2 else "relu"
-    if what not in ("calls", "paths", "steps"):
-        raise SystemExit("usage: python benchmarks/small_layers.py calls|paths|steps [activation] [n8]; "
+    if what not in ("calls", "paths", "steps", "train"):
+        raise SystemExit("usage: python benchmarks/small_layers.py calls|paths|steps|train [activation] [n8]; "
                          f"got {sys.argv[1:]}")
     if what == "calls":
         calls_table(act)
     elif what == "paths":
         paths_table(act)
+    elif what == "train":
+        train_table(act)
     else:
         steps_table(act, n8=len(sys.argv) > 3 and sys.argv[3] == "n8")
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._compile import is_compiling
+from .backends import forced_backend
 from .ops import activations as A
 from .ops import conv_act as K
 
@@ -278,7 +279,10 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         y, _ = torch.ops.hierfast.conv2d_act(x, weight, bias, list(p.stride), list(p.padding), list(p.dilation),
                                              p.groups, act.name, act.code, act.alpha, needs_grad)
     elif needs_grad:
-        y = _ConvActFn.apply(x, weight, bias, p, act, backend, stats)
+        if forced_backend(backend) is None and K.eager_training_pays(x, weight, p, act):
+            y = K.eager_forward(x, weight, bias, p, act, stats)  # small layer: torch's own ops are faster
+        else:
+            y = _ConvActFn.apply(x, weight, bias, p, act, backend, stats)
     else:
         y, _ = K.forward(x, weight, bias, p, act, keep=False, stats=stats, backend=backend)
     return y.squeeze(0) if unbatched else y

@@ -37,6 +37,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fused_training_at_every_size(monkeypatch, request):
+    """Training a small CPU layer runs torch's own ops in production (measured faster,
+    hierfast.ops.conv_act.eager_training_pays); the test shapes are small, so tests train
+    through the fused op unless marked ``production_training_policy``."""
+    if "production_training_policy" not in request.keywords:
+        from hierfast.ops import conv_act
+
+        monkeypatch.setattr(conv_act, "_EAGER_TRAIN_MAX_OUTPUT_FROM_Y", 0)
+        monkeypatch.setattr(conv_act, "_EAGER_TRAIN_MAX_OUTPUT_SMOOTH", 0)
+
+
 def pytest_report_header(config):
     info = hierfast.info()
     lines = [f"hierfast {info['hierfast']} torch {info['torch']} triton {info['triton']}"]

@@ -355,6 +355,37 @@ def test_cpu_path_choice_by_size():
     assert K._output_numel(torch.empty(2, 3, 9, 8), torch.empty(5, 3, 3, 2), p) == 2 * 5 * 9 * 9
 
 
+@pytest.mark.production_training_policy
+@pytest.mark.parametrize("act", ["relu", "gelu", "mish", "identity"])
+def test_small_training_layers_run_torch_ops(act):
+    """In production, training a small CPU layer runs torch's convolution and activation (native
+    autograd nodes), a large one the fused op; both give float64's gradients, and the statistics
+    tap still counts."""
+    from hierfast.nn import Conv2dAct
+
+    big = (4, 40, 80, 80) if A.resolve(act).grad_from_output else (4, 32, 56, 56)  # 1 M / 400 K outputs
+    for shape, fused in (((2, 8, 12, 12), False), (big, True)):
+        m = Conv2dAct(shape[1], shape[1], 3, padding=1, activation=act, track_stats=True)
+        x = torch.randn(*shape).to(memory_format=torch.channels_last).requires_grad_()
+        assert K.eager_training_pays(x, m.weight, K.ConvArgs((1, 1), (1, 1), (1, 1), 1), m.activation) is not fused
+        y = m(x)
+        assert ("ConvActFn" in type(y.grad_fn).__name__) is fused, type(y.grad_fn).__name__
+        g = torch.randn_like(y)
+        y.backward(g)
+        refs = [t.detach().double().requires_grad_() for t in (x, m.weight, m.bias)]
+        yr = A.apply(F.conv2d(refs[0], refs[1], refs[2], padding=1), A.resolve(act))
+        yr.backward(g.double())
+        torch.testing.assert_close(y.double(), yr.detach(), atol=1e-4, rtol=0)
+        for t, r in zip((x, m.weight, m.bias), refs):
+            torch.testing.assert_close(t.grad.double(), r.grad, atol=2e-4 * max(1, r.grad.abs().max().item()), rtol=0)
+        st = m.stats()
+        torch.testing.assert_close(st["mean"], yr.detach().mean((0, 2, 3)), atol=1e-5, rtol=0)
+    # a forced backend always takes the fused op
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    y = conv2d_act(x, torch.randn(8, 8, 3, 3), None, padding=1, backend="cpu")
+    assert "ConvActFn" in type(y.grad_fn).__name__
+
+
 def test_training_never_takes_onednn(monkeypatch):
     """Training (saved tensors for backward) runs torch's convolution + our epilogue whatever the
     layer's size (timed as whole steps: oneDNN's forward never paid); inference on a large

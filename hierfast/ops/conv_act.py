@@ -7,9 +7,10 @@ padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
   fused post-op convolution (``torch.ops.mkldnn._convolution_pointwise``, see :func:`_onednn_ok`).
   Training and the rest: torch's convolution without bias, then ONE C++/OpenMP pass adding the
   bias and applying the activation in place (``hierfast._C.conv_act_forward``; y and the saved
-  pre-activation of a smooth activation in one pass; the identity activation needs no pass). Depthwise float32 channels_last layers where
-  it measured faster (:func:`_depthwise_forward_wins`) run our fused depthwise forward
-  instead (``hierfast._C.dw_conv_act_forward``: conv, bias, activation, the saved
+  pre-activation of a smooth activation in one pass; the identity activation needs no pass).
+  (Training small layers does not reach this module: :func:`eager_training_pays`, they run
+  torch's own ops.) Depthwise float32 channels_last layers where it measured faster
+  (:func:`_depthwise_forward_wins`) run our fused depthwise forward instead (``hierfast._C.dw_conv_act_forward``: conv, bias, activation, the saved
   pre-activation and the statistics tap in one pass). Caveat: oneDNN's ReLU family maps a
   NaN input to 0 where torch (and our kernels) propagate it.
 * ``cuda``: torch's (cuDNN) convolution, then the CUDA epilogue kernel in place.
@@ -271,6 +272,39 @@ def _cpu_stats(y, stats):
     yl, nhwc = _layout(y)
     cpu_kernels().conv_act_stats(yl.data_ptr(), _dtypes.code(yl.dtype), yl.shape[0], yl.shape[1],
                                  yl.shape[2] * yl.shape[3], nhwc, stats.data_ptr())
+
+
+# Training a CPU layer with fewer outputs than these runs torch's own convolution and activation
+# (two native autograd nodes) instead of the fused op: below them the fused op's fixed cost per
+# layer and step (~40-50 us: the Python autograd Function, ~25 us, and its wrappers) outweighs
+# the pass it saves. `benchmarks/small_layers.py train relu|gelu`: whole training steps,
+# interleaved, 2 threads, 2026-12-02, eager / fused-op time:
+# * ReLU (torch's ReLU is as fast as our epilogue): 12.5-50 K outputs 0.78-0.86, 1x1 16 K 0.58,
+#   100-800 K 0.88-0.95 (1x1 64 @56 N = 2 0.99); bench_conv's N = 8 layers: 800 K 0.99-1.01,
+#   1.6 M and up 1.05-1.28. Limit 1 M; the same for the other activations whose derivative is
+#   taken from y, and for the identity.
+# * GELU (ours 1.5x faster than torch's): 12.5-50 K 0.77-0.84, 1x1 16 K 0.61, 100-800 K 0.90-1.05
+#   (mostly 0.96-0.99); N = 8: 400 K 0.98, 800 K 1.02, 1.6 M 1.11. Limit 100 K for the smooth
+#   activations (SiLU, hardswish, Mish, whose kernel is 6.7x torch's, and both GELUs).
+# Depthwise layers that the fused depthwise kernels take keep them at every size.
+_EAGER_TRAIN_MAX_OUTPUT_FROM_Y, _EAGER_TRAIN_MAX_OUTPUT_SMOOTH = 1_000_000, 100_000
+
+
+def eager_training_pays(x, w, p: ConvArgs, act) -> bool:
+    """Train this layer with torch's own ops (see the limits above): a float32/bfloat16 CPU layer
+    below its activation's size limit that no fused depthwise kernel serves."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _depthwise_shape_ok(x, w, p):
+        return False
+    limit = _EAGER_TRAIN_MAX_OUTPUT_FROM_Y if act.grad_from_output else _EAGER_TRAIN_MAX_OUTPUT_SMOOTH
+    return _output_numel(x, w, p) < limit
+
+
+def eager_forward(x, w, b, p: ConvArgs, act, stats):
+    """``act(conv(x, w) + b)`` with torch's differentiable ops; ``stats`` added to from y."""
+    y = A.apply(_conv(x, w, b, p), act)
+    if stats is not None:
+        _cpu_stats(y.detach(), stats)
+    return y
 
 
 def _onednn_pays(x, w, p: ConvArgs, reuse: bool) -> bool:

@@ -10,8 +10,9 @@ padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
   pre-activation of a smooth activation in one pass; the identity activation needs no pass).
   (Training small layers does not reach this module: :func:`eager_training_pays`, they run
   torch's own ops.) Depthwise float32 channels_last layers where it measured faster
-  (:func:`_depthwise_forward_wins`) run our fused depthwise forward instead (``hierfast._C.dw_conv_act_forward``: conv, bias, activation, the saved
-  pre-activation and the statistics tap in one pass). Caveat: oneDNN's ReLU family maps a
+  (:func:`_depthwise_forward_wins`) run our fused depthwise forward instead
+  (``hierfast._C.dw_conv_act_forward``: conv, bias, activation, the saved pre-activation and
+  the statistics tap in one pass). Caveat: oneDNN's ReLU family maps a
   NaN input to 0 where torch (and our kernels) propagate it.
 * ``cuda``: torch's (cuDNN) convolution, then the CUDA epilogue kernel in place.
   On CUDA tensors the registry tries ``cuda`` before ``triton``: the Triton kernels

@@ -253,6 +253,12 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     Returns:
         ``(N, C_out, H_out, W_out)`` (or unbatched), same dtype and memory format as torch's conv.
+
+    Paths (automatic backend): the fused op (hierfast/ops/conv_act.py: oneDNN's post-op
+    convolution or torch's convolution + one C++ pass, fused depthwise kernels, CUDA epilogue);
+    training a CPU layer too small for fusion to pay (fewer outputs than ~1 M, or 100 K for the
+    smooth activations; ``ops.conv_act.eager_training_pays``) runs torch's own convolution and
+    activation, measured faster there. ``backend=`` always takes the fused op.
     """
     act = A.resolve(activation, **act_kwargs)
     if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):

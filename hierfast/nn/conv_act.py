@@ -19,6 +19,7 @@ class Conv2dAct(nn.Conv2d):
     fraction of positive outputs inside the epilogue (read with :meth:`stats`).
     ``state_dict`` keys are those of ``nn.Conv2d`` (``weight``, ``bias``), so weights
     load both ways. Statistics are eager-only: under ``torch.compile`` the tap is skipped.
+    Each call takes the path measured fastest for it (``hierfast.functional.conv2d_act``).
 
     Shape: ``(N, C_in, H, W)`` or ``(C_in, H, W)`` -> ``(N, C_out, H_out, W_out)``.
     """

@@ -26,6 +26,8 @@ import time
 import torch
 from torch import nn
 
+from bench_conv import _interleaved
+from bench_conv import _step as bench_step
 from hierfast.nn import Conv2dAct
 from hierfast.ops import activations as A
 from hierfast.ops import conv_act as ops
@@ -109,12 +111,7 @@ def _step(model, x, gy, force=None):
     """One training step of ``model``; ``force`` ("onednn" / "epilogue") makes Conv2dAct's forward
     take that path by calling the CPU backend's pieces directly (what _fwd_cpu ran before 2026-12-02
     on the oneDNN side: y in one primitive for ReLU, z then our epilogue for a smooth activation)."""
-    def run():
-        for q in model.parameters():
-            q.grad = None
-        if x.requires_grad:
-            x.grad = None
-        model(x).backward(gy)
+    run = bench_step(model, x, gy)
     if force is None:
         return run
 
@@ -142,8 +139,6 @@ def _step(model, x, gy, force=None):
 
 
 def steps_table(act: str, n8: bool) -> None:
-    from bench_conv import _interleaved
-
     layers = ([("stem",), (3, 64, 56, 8), (3, 128, 28, 8), (3, 256, 14, 8), (1, 64, 56, 8)] if n8 else
               [(3, 64, 14, 1), (3, 128, 7, 1), (3, 256, 7, 1), (3, 512, 4, 1), (3, 64, 28, 1), (3, 128, 14, 1),
                (3, 64, 56, 1), (3, 256, 14, 1), (1, 64, 16, 1), (1, 256, 7, 1), (1, 256, 14, 1), (1, 512, 7, 1)])
@@ -175,8 +170,6 @@ def steps_table(act: str, n8: bool) -> None:
 def train_table(act: str) -> None:
     """Whole training steps by layer size: eager, the fused op at every size, and Conv2dAct as it
     runs (torch's own ops below the size limits of ops.eager_training_pays): their measurements."""
-    from bench_conv import _interleaved
-
     def fused_op(model, x, gy):
         run = _step(model, x, gy)
 

@@ -25,21 +25,19 @@
 
 #include "hierfast/act.h"
 #include "hierfast/cpu_kernels.h"
+#include "hierfast/depthwise.h"
 
 namespace hierfast::cpu {
 namespace {
 
-constexpr int kLanes = 16;  // float32 channels per task (one 512-bit vector)
+using dw::Geometry;
+using dw::kLanes;
 
 // Element type S of the tensors (float, or uint16_t holding bfloat16 bits) <-> float.
 inline float ldf(float v) { return v; }
 inline float ldf(uint16_t v) { return bf16_bits_to_float(v); }
 inline float stf(float v, float) { return v; }
 inline uint16_t stf(float v, uint16_t) { return float_to_bf16(v); }
-
-struct Geometry {
-  int64_t N, C, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
-};
 
 // grad_z of one (image, channel block) into g (GH x GW x kLanes, zero halo), bias sums to gb.
 template <int A, typename S>
@@ -161,14 +159,9 @@ void by_act(int code, const void* gy, const void* s, const void* x, const void* 
 void dw_conv_act_backward(const void* grad_y, const void* saved, const void* x, const void* w, void* grad_x,
                           double* grad_w, double* grad_b, DType dtype, const int64_t* geometry, int act_code,
                           double alpha, bool want_x) {
-  const int64_t* v = geometry;
-  const Geometry q{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13]};
   if (dtype != DType::kFloat32 && dtype != DType::kBFloat16)
     throw std::invalid_argument(std::string("dw_conv_act_backward: float32 or bfloat16, got ") + dtype_name(dtype));
-  if (q.C % kLanes != 0 || q.KH != q.KW || (q.KH != 3 && q.KH != 5))
-    throw std::invalid_argument("dw_conv_act_backward: needs C % 16 == 0 and a 3x3 or 5x5 filter");
-  if (q.sh < 1 || q.sw < 1 || q.dh < 1 || q.dw < 1 || q.ph < 0 || q.pw < 0)
-    throw std::invalid_argument("dw_conv_act_backward: stride and dilation >= 1, padding >= 0");
+  const Geometry q = dw::geometry(geometry, "dw_conv_act_backward", false);
   const float a = (float)alpha;
   if (dtype == DType::kBFloat16) {
     if (q.KH == 3) return by_act<9, uint16_t>(act_code, grad_y, saved, x, w, grad_x, grad_w, grad_b, q, a, want_x);

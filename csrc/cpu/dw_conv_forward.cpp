@@ -26,15 +26,13 @@
 
 #include "hierfast/act.h"
 #include "hierfast/cpu_kernels.h"
+#include "hierfast/depthwise.h"
 
 namespace hierfast::cpu {
 namespace {
 
-constexpr int kLanes = 16;  // float32 channels per task (one 512-bit vector)
-
-struct Geometry {
-  int64_t N, C, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
-};
+using dw::Geometry;
+using dw::kLanes;
 
 // Where a task writes: y always; z (pre-activation) and the statistics partials (3 x kLanes
 // float64: sums, sums of squares, positive counts) when non-null.
@@ -234,14 +232,9 @@ void by_act(int code, const float* x, const float* w, const float* b, float* y, 
 
 void dw_conv_act_forward(const void* x, const void* w, const void* bias, void* y, void* z, double* stats,
                          DType dtype, const int64_t* geometry, int act_code, double alpha) {
-  const int64_t* v = geometry;
-  const Geometry q{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13]};
   if (dtype != DType::kFloat32)
     throw std::invalid_argument(std::string("dw_conv_act_forward: float32 only, got ") + dtype_name(dtype));
-  if (q.C % kLanes != 0 || q.KH != q.KW || (q.KH != 3 && q.KH != 5))
-    throw std::invalid_argument("dw_conv_act_forward: needs C % 16 == 0 and a 3x3 or 5x5 filter");
-  if (q.sh < 1 || q.sw < 1 || q.dh < 1 || q.dw < 1 || q.ph < 0 || q.pw < 0 || q.OH < 1 || q.OW < 1)
-    throw std::invalid_argument("dw_conv_act_forward: stride and dilation >= 1, padding >= 0, output >= 1x1");
+  const Geometry q = dw::geometry(geometry, "dw_conv_act_forward", true);
   const auto* xx = static_cast<const float*>(x);
   const auto* ww = static_cast<const float*>(w);
   const auto* bb = static_cast<const float*>(bias);

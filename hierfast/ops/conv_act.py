@@ -219,10 +219,11 @@ def _depthwise_forward_ok(x, w, b, p: ConvArgs, act) -> bool:
 
 
 def _depthwise_forward_wins(ow, k, p: ConvArgs, act) -> bool:
-    """Where the fused depthwise forward beats what ``_fwd_cpu`` runs otherwise (oneDNN's fused
-    post-op convolution, a statistics tap then reading its output once more; training a smooth
-    activation: oneDNN's convolution, then our epilogue for y; Mish: torch's convolution and
-    our epilogue), by measurement: ``benchmarks/dw_forward.py``, 2-core Zen 5, 2 threads,
+    """Where the fused depthwise forward beats what ``_fwd_cpu`` ran otherwise when this was
+    measured (oneDNN's fused post-op convolution, a statistics tap then reading its output once
+    more; training a smooth activation: oneDNN's convolution, then our epilogue for y, where
+    training now takes torch's convolution + our epilogue; Mish: torch's convolution and our
+    epilogue), by measurement: ``benchmarks/dw_forward.py``, 2-core Zen 5, 2 threads,
     2026-12-01, at least two runs per cell (this VM's run-to-run spread is +-30 %, so only what
     held in every run counts):
 
@@ -240,16 +241,21 @@ def _depthwise_forward_wins(ow, k, p: ConvArgs, act) -> bool:
     return k == 3 and tuple(p.stride) == (1, 1) and ow >= 28
 
 
+def _dw_geometry(x, w, p: ConvArgs, oh, ow) -> list:
+    """The 14 values both fused depthwise kernels take (csrc/include/hierfast/depthwise.h)."""
+    n, c, h, wd = x.shape
+    return [n, c, h, wd, oh, ow, w.shape[2], w.shape[3], *p.stride, *p.padding, *p.dilation]
+
+
 def _depthwise_forward_cpu(x, w, b, p: ConvArgs, act, keep, stats):
     """``(y, saved)`` of the fused depthwise forward: y (and z, when training a smooth activation
     needs it saved) written in one pass, ``stats`` (C x 3 float64) added to on the way."""
-    n, c, h, wd = x.shape
     oh, ow = _output_size(x, w, p)
-    y = torch.empty((n, c, oh, ow), dtype=x.dtype, memory_format=torch.channels_last)
+    y = torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, memory_format=torch.channels_last)
     z = torch.empty_like(y) if keep and not act.grad_from_output else None
     wc = w.contiguous()
     bc = None if b is None else b.contiguous()
-    geometry = [n, c, h, wd, oh, ow, w.shape[2], w.shape[3], *p.stride, *p.padding, *p.dilation]
+    geometry = _dw_geometry(x, w, p, oh, ow)
     cpu_kernels().dw_conv_act_forward(x.data_ptr(), wc.data_ptr(), 0 if bc is None else bc.data_ptr(), y.data_ptr(),
                                       0 if z is None else z.data_ptr(), 0 if stats is None else stats.data_ptr(),
                                       _dtypes.code(x.dtype), geometry, act.code, act.alpha)
@@ -310,7 +316,8 @@ def eager_forward(x, w, b, p: ConvArgs, act, stats):
 
 def _onednn_pays(x, w, p: ConvArgs, reuse: bool) -> bool:
     """oneDNN's post-op convolution (with its weight kept when ``reuse``) is the faster choice
-    for this layer's size, against torch's convolution + our epilogue (see the limits above)."""
+    for this layer's size, against torch's convolution + our epilogue (the limits at
+    ``_ONEDNN_MIN_OUTPUT``)."""
     numel = _output_numel(x, w, p)
     macs = numel * w.shape[1] * w.shape[2] * w.shape[3]
     return numel >= _ONEDNN_MIN_OUTPUT or macs >= (_ONEDNN_MIN_MACS_KEPT if reuse else _ONEDNN_MIN_MACS_REORDERED)
@@ -429,12 +436,10 @@ def _depthwise_fusable(gy, x, w, saved, p: ConvArgs) -> bool:
 def _depthwise_backward_cpu(gy, x, w, saved, p: ConvArgs, act: A.Activation, want_x: bool):
     """Fused activation + depthwise conv backward (csrc/cpu/dw_conv_backward.cpp): ``(gx, gw, gb)``."""
     gy = gy.contiguous(memory_format=torch.channels_last)
-    n, c, h, wd = x.shape
-    oh, ow = gy.shape[2], gy.shape[3]
     gx = torch.empty_like(x, memory_format=torch.channels_last) if want_x else None
     gw = torch.empty(w.shape, dtype=torch.float64)
-    gb = torch.empty(c, dtype=torch.float64)
-    geometry = [n, c, h, wd, oh, ow, w.shape[2], w.shape[3], *p.stride, *p.padding, *p.dilation]
+    gb = torch.empty(x.shape[1], dtype=torch.float64)
+    geometry = _dw_geometry(x, w, p, gy.shape[2], gy.shape[3])
     wc = w.contiguous()
     cpu_kernels().dw_conv_act_backward(gy.data_ptr(), saved.data_ptr(), x.data_ptr(), wc.data_ptr(),
                                        0 if gx is None else gx.data_ptr(), gw.data_ptr(), gb.data_ptr(),

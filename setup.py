@@ -144,9 +144,12 @@ class HierfastBuildExt(build_ext):
 
     def _run_ninja(self, cmds, obj_dir: Path) -> None:
         lines = ["ninja_required_version = 1.3", ""]
+        # every object also depends on every header (csrc/include): a changed act.h must rebuild
+        # the kernels that include it (a whole rebuild takes about a minute)
+        headers = " ".join(str(h) for h in sorted((CSRC / "include").rglob("*.h*")))
         for i, (cmd, src, obj) in enumerate(cmds):
             lines += [f"rule r{i}", f"  command = {shlex.join(cmd)}", f"  description = compile {src.name}", "",
-                      f"build {obj}: r{i} {src}", ""]
+                      f"build {obj}: r{i} {src} | {headers}", ""]
         (obj_dir / "build.ninja").write_text("\n".join(lines))
         subprocess.run([self.ninja, "-C", str(obj_dir), f"-j{self.jobs}"], check=True)
 

@@ -238,7 +238,8 @@ EOF
   return "$rc"
 }
 stage_tests_conv() {  # test_nn_triton last: its autotuned kernels compile the longest
-  run_pytest tests-conv tests/test_backends.py tests/test_nn_functional.py tests/test_nn_triton.py
+  run_pytest tests-conv tests/test_backends.py tests/test_nn_epilogue_kernels.py tests/test_nn_functional.py \
+    tests/test_nn_triton.py
 }
 stage_tests_kernels() {
   run_pytest tests-kernels tests/test_ops.py tests/test_knn2.py tests/test_visualize_topk_kernel.py \

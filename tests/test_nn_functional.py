@@ -251,45 +251,6 @@ def test_activation_and_gradient_at_the_ends_of_the_float_range(act, dtype):
         check(f"{name} {k}x{k} gradient", xo.grad, xr.grad, xt.grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("nhwc", [False, True])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_cpu_epilogue_kernel_writes_every_element(dtype, nhwc, with_bias):
-    """The raw epilogue (keep mode) into a NaN-poisoned output, and its backward."""
-    z0 = torch.randn(3, 5, 4, 7, dtype=torch.float64)
-    b = torch.randn(5, dtype=torch.float64) if with_bias else torch.zeros(5, dtype=torch.float64)
-    for name, akw in ACTS:
-        act = A.resolve(name, **akw)
-        zin = z0.to(dtype)
-        z = zin.clone()
-        if nhwc:
-            z = z.to(memory_format=torch.channels_last)
-        y = torch.full_like(z, float("nan"))
-        stats = torch.zeros(5, 3, dtype=torch.float64)
-        bt = b.to(dtype)  # keep alive: the kernel takes a raw address
-        cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(dtype), 3, 5, 28, nhwc,
-                                       bt.data_ptr() if with_bias else 0, act.code, act.alpha, stats.data_ptr())
-        zref = zin.double() + bt.double()[:, None, None]
-        yref = A.apply(zref, act)
-        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-        torch.testing.assert_close(z.double(), zref.to(dtype).double(), atol=tol, rtol=tol)
-        torch.testing.assert_close(y.double(), yref, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
-        yd = y.double()
-        ref_stats = torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
-        torch.testing.assert_close(stats, ref_stats, atol=1e-9 * max(1, ref_stats.abs().max().item()), rtol=1e-9)
-        # backward: grad_z and the bias gradient
-        g = torch.randn_like(y)
-        saved = y if act.grad_from_output else z
-        gz = torch.full_like(saved, float("nan"))
-        gb = torch.zeros(5, dtype=torch.float64)
-        cpu_kernels().conv_act_backward(g.data_ptr(), saved.data_ptr(), gz.data_ptr(), _dtypes.code(dtype), 3, 5,
-                                        28, nhwc, act.code, act.alpha, gb.data_ptr())
-        gref = g.double() * A.derivative(saved.double(), act)
-        torch.testing.assert_close(gz.double(), gref, atol=tol * 4, rtol=tol * 4, msg=lambda m: f"{name}: {m}")
-        # the bias gradient sums the unrounded grad_z
-        torch.testing.assert_close(gb, gref.sum((0, 2, 3)), atol=tol * 40, rtol=tol * 4)
-
-
 @pytest.mark.parametrize("bad,exc,match", [
     (dict(x=torch.randn(2, 5, 8, 8)), ValueError, "to have 4 channels, but got 5"),
     (dict(x=torch.randn(8, 8)), ValueError, "3D .unbatched. or 4D"),
@@ -406,29 +367,6 @@ def test_training_never_takes_onednn(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("nhwc", [False, True])
-@pytest.mark.parametrize("in_place", [False, True])
-def test_cpu_epilogue_statistics_over_many_tasks(nhwc, in_place):
-    """Statistics taps where the work splits into many OpenMP tasks (NHWC row groups,
-    NCHW planes with a lane tail): per-thread sums merged once, float64 throughout, on
-    post-ReLU-like features with a large common offset (where float32 sums of squares drift)."""
-    n, c, h, w = 3, 48, 33, 31
-    z0 = (torch.randn(n, c, h, w, dtype=torch.float64) + 40.0).to(torch.float32)
-    b = torch.randn(c, dtype=torch.float32)
-    for name in ("relu", "gelu", "mish"):
-        act = A.resolve(name)
-        z = z0.clone().to(memory_format=torch.channels_last) if nhwc else z0.clone()
-        y = z if in_place else torch.full_like(z, float("nan"))
-        stats = torch.full((c, 3), 0.25, dtype=torch.float64)  # the kernel adds to what is there
-        cpu_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, h * w, nhwc,
-                                       b.data_ptr(), act.code, act.alpha, stats.data_ptr())
-        yref = A.apply(z0.double() + b.double()[:, None, None], act)
-        torch.testing.assert_close(y.double(), yref, atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
-        yd = y.double()
-        ref = 0.25 + torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
-        torch.testing.assert_close(stats, ref, atol=0, rtol=1e-12, msg=lambda m: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
 @pytest.mark.parametrize("nhwc", [False, True])
 def test_read_only_statistics_kernel(dtype, nhwc):
@@ -535,22 +473,6 @@ def test_export():
     assert any("hierfast.conv2d_act" in str(n.target) for n in ep.graph.nodes)
     x2 = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(ep.module()(x2), F.mish(F.conv2d(x2, m.w, padding="same")))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the CUDA epilogue is compiled, not run)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_cuda_epilogue_matches_float64(dtype, channels_last):
-    for (name, akw), shape in zip(ACTS, SHAPES * 2):
-        x, w, b, kw = _data(shape, dtype=dtype, channels_last=channels_last)
-        x, w, b = x.cuda(), w.cuda(), b.cuda()
-        ref, tol = _tol_from_torch(x, w, b, kw, name, akw, dtype)
-        stats = torch.zeros(w.shape[0], 3, dtype=torch.float64, device="cuda")
-        y = conv2d_act(x, w, b, activation=name, backend="cuda", stats=stats, **kw, **akw)
-        assert (y.double() - ref).abs().max().item() <= max(tol, 1e-12), name
-        xs = [t.clone().requires_grad_() for t in (x, w, b)]
-        conv2d_act(*xs, activation=name, backend="cuda", **kw, **akw).sum().backward()
-        assert all(torch.isfinite(t.grad).all() for t in xs)
 
 
 def test_cuda_kernels_are_compiled_when_built():

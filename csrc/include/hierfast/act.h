@@ -200,7 +200,8 @@ template <typename T> HF_HD T derivative(int code, T s, T alpha) {
       T sg = sigmoid(s);
       return sg * ((T)1 + s * ((T)1 - sg));
     }
-    case kHardswish: return s < (T)-3 ? (T)0 : (s > (T)3 ? (T)1 : s / (T)3 + (T)0.5);
+    // the kinks as torch: 0 at -3, 1 at +3 (the one-sided derivatives away from the ramp)
+    case kHardswish: return s <= (T)-3 ? (T)0 : (s >= (T)3 ? (T)1 : s / (T)3 + (T)0.5);
     case kMish: {
       T t = tanh_softplus(s);
       return t + s * sigmoid(s) * ((T)1 - t * t);

@@ -33,6 +33,9 @@ def _check(shape, channels_last, bias, act, dtype=torch.float32):
     y = conv2d_act(xi, wt.to(dtype), None if b is None else b.to(dtype), s, p, d, g, activation=name,
                    backend="triton", **akw)
     assert y.shape == ref.shape and y.dtype == dtype
+    # the layout torch's own convolution gives (a drop-in: a following view() works as before)
+    theirs = F.conv2d(xi, wt.to(dtype), None, s, p, d, g)
+    assert y.stride() == theirs.stride(), (y.stride(), theirs.stride())
     # float32 on a GPU runs the dot products on tf32 tensor cores (10-bit mantissa, unit
     # roundoff 2^-11 ~ 4.9e-4 on each rounded input; the weights are scaled so outputs are O(1)),
     # as torch's cuDNN convolutions do by default; the interpreter computes them in IEEE float32.
@@ -72,3 +75,13 @@ def test_triton_forward_backward():
     F.gelu(F.conv2d(xr, wr, padding=1)).square().sum().backward()
     torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-3 * xr.grad.abs().max().item(), rtol=0)
     torch.testing.assert_close(w.grad.double(), wr.grad, atol=1e-3 * wr.grad.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], DW[1]], ids=["igemm", "igemm_groups", "dw"])
+def test_64_bit_offsets(shape, monkeypatch):
+    """The WIDE variant (64-bit offsets, taken from 2^31 elements on) on small shapes."""
+    from hierfast.kernels import conv_act as kernels
+
+    monkeypatch.setattr(kernels, "_WIDE_AT", 0)
+    for channels_last in (False, True):
+        _check(shape, channels_last, bias=True, act=("gelu", {}))

@@ -9,7 +9,8 @@
   owns BLOCK_P pixels x BLOCK_C channels and walks the KH x KW taps.
 
 Both take element strides, so contiguous and channels_last inputs work alike; the
-output is allocated channels_last. Runs on CUDA tensors, and on CPU tensors under
+output takes the layout torch's convolution would give it. Offsets are 32-bit, the index
+type Triton gives them, unless a tensor has 2^31 elements or more (``WIDE``: 64-bit). Runs on CUDA tensors, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (how CI tests it; no autotuning there).
 """
 import os
@@ -55,10 +56,13 @@ def _igemm_kernel(X, W, B, Y, M, C_out_g, K, C_in_g, H, Wd, OH, OW,
                   sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, alpha,
                   KW: tl.constexpr, HAS_BIAS: tl.constexpr, CODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
+    if WIDE:  # 64-bit offsets: every index below derives from these
+        pid_m = pid_m.to(tl.int64)
+        g = g.to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
     mask_m = rm < M
@@ -71,6 +75,8 @@ def _igemm_kernel(X, W, B, Y, M, C_out_g, K, C_in_g, H, Wd, OH, OW,
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < K
+        if WIDE:
+            rk = rk.to(tl.int64)
         ci = rk % C_in_g  # channel fastest (NHWC-contiguous reads)
         tap = rk // C_in_g
         kw = tap % KW
@@ -105,9 +111,14 @@ def _depthwise_kernel(X, W, B, Y, P, C, H, Wd, OH, OW,
                       sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
                       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, alpha,
                       KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+                      WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    if WIDE:  # 64-bit offsets: every index below derives from these
+        pid_p = pid_p.to(tl.int64)
+        pid_c = pid_c.to(tl.int64)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = rp < P
     mask_c = rc < C
     ow = rp % OW
@@ -130,18 +141,37 @@ def _depthwise_kernel(X, W, B, Y, P, C, H, Wd, OH, OW,
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
+# Tensors of this many elements or more take 64-bit offsets (tests lower it to run that path).
+_WIDE_AT = 2**31
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """t's strides say channels_last (and not also contiguous: 1x1 images and single channels
+    are both, and torch then keeps the contiguous layout)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def output_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
+    """The layout torch's convolution gives its output: channels_last when the input or the weight
+    is channels_last, else contiguous."""
+    return torch.channels_last if _channels_last(x) or _channels_last(w) else torch.contiguous_format
+
+
 def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int, alpha: float) -> torch.Tensor:
-    """``act(conv2d(x, w, b))`` for 4-D ``x``; returns a channels_last tensor of x's dtype."""
+    """``act(conv2d(x, w, b))`` for 4-D ``x``; a tensor of x's dtype in the layout torch's
+    convolution would give (:func:`output_memory_format`)."""
     n, cin, h, wd = x.shape
     cout, cin_g, kh, kw = w.shape
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    # torch's convolution's output layout (a drop-in: a following view() must work as it did)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, w))
     bias = b if b is not None else w  # placeholder pointer, never read
+    wide = max(x.numel(), w.numel(), y.numel()) >= _WIDE_AT
     common = (*x.stride(), )
     conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(alpha))
     if groups == cin == cout and cin_g == 1:
@@ -150,11 +180,12 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
         grid = (triton.cdiv(p, bp), triton.cdiv(cout, bc))
         _depthwise_kernel[grid](x, w, bias, y, p, cout, h, wd, oh, ow, *common, w.stride(0), w.stride(2),
                                 w.stride(3), *y.stride(), *conv, KH=kh, KW=kw, HAS_BIAS=b is not None, CODE=code,
-                                BLOCK_P=bp, BLOCK_C=bc)
+                                WIDE=wide, BLOCK_P=bp, BLOCK_C=bc)
         return y
     m, cout_g, k = n * oh * ow, cout // groups, cin_g * kh * kw
     args = (x, w, bias, y, m, cout_g, k, cin_g, h, wd, oh, ow, *common, *w.stride(), *y.stride(), *conv)
-    meta = dict(KW=kw, HAS_BIAS=b is not None, CODE=code, UPCAST=x.dtype == torch.bfloat16 and _interpreting(), PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda else "ieee")
+    meta = dict(KW=kw, HAS_BIAS=b is not None, CODE=code, UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
+                PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda else "ieee", WIDE=wide)
     if _interpreting() or x.device.type != "cuda":
         grid = (triton.cdiv(m, 16), triton.cdiv(cout_g, 16), groups)
         _igemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)

@@ -9,8 +9,11 @@ weight and bias grads). Every provider's output (forward) or weight gradient
 (forward+backward) is compared with a float64 evaluation of the same layer.
 
 Providers: eager conv + activation, hierfast Conv2dAct, torch.compile (default), on a GPU
-also torch.compile(mode="max-autotune") (HIERFAST_CONV_MAX_AUTOTUNE=0 leaves it out), and
-torch's conv with no activation as the fusion bound.
+also torch.compile(mode="max-autotune") (HIERFAST_CONV_MAX_AUTOTUNE=0 leaves it out) and
+each hierfast GPU backend forced ("hierfast backend=cuda": cuDNN + our epilogue kernel;
+"hierfast backend=triton": our Triton kernels) where the automatic choice is another one:
+the data for the registry's per-shape choice; and torch's conv with no activation as the
+fusion bound.
 
 Run: ``python benchmarks/run.py conv [--quick]``.
 """
@@ -107,6 +110,34 @@ def _models(layer, act, device, dtype):
     return eager, fused, ref
 
 
+class _ForcedBackend(nn.Module):
+    """A Conv2dAct run on one named backend (``conv2d_act(..., backend=...)``)."""
+
+    def __init__(self, fused, backend: str):
+        super().__init__()
+        self.fused, self.backend = fused, backend
+
+    @property
+    def weight(self):
+        return self.fused.weight
+
+    def forward(self, x):
+        from hierfast.functional import conv2d_act
+
+        f = self.fused
+        return conv2d_act(x, f.weight, f.bias, f.stride, f.padding, f.dilation, f.groups, f.activation,
+                          backend=self.backend)
+
+
+def _gpu_backends_to_force(fused, x) -> list[str]:
+    """The GPU backends the automatic choice does not take for this layer (each gets a row)."""
+    from hierfast.backends import backend_status
+    from hierfast.ops.conv_act import FORWARD
+
+    auto = FORWARD.select((x, fused.weight) + ((fused.bias,) if fused.bias is not None else ())).backend
+    return [b for b in ("cuda", "triton") if b != auto and backend_status(b)["available"]]
+
+
 def _step(model, x, gy):
     def run():
         for prm in model.parameters():
@@ -161,11 +192,14 @@ def run(quick: bool = False) -> list[dict]:
                     compiled_ma(x)
                 _compiled_step(compiled_ma, eager, xg, gy)()
                 compile_ma_s = time.perf_counter() - t0
+            forced = [(f"hierfast backend={b}", _ForcedBackend(fused, b)) for b in _gpu_backends_to_force(fused, x)] \
+                if cuda else []
             time.sleep(1.0)
             for mode in ("fwd", "fwd+bwd"):
                 wl = f"{name} {act} {mode} (N={n})"
                 flops = _flops(layer, n) * (1 if mode == "fwd" else 3)
-                provs = (("eager conv+act", eager), ("hierfast Conv2dAct", fused), ("torch.compile", compiled),
+                provs = (("eager conv+act", eager), ("hierfast Conv2dAct", fused), *forced,
+                         ("torch.compile", compiled),
                          *((("torch.compile max-autotune", compiled_ma),) if compiled_ma is not None else ()),
                          (BOUND, nn.Sequential(eager[0])))
                 if mode == "fwd":
@@ -188,7 +222,7 @@ def run(quick: bool = False) -> list[dict]:
                         elif mode == "fwd" and prov == "torch.compile max-autotune":
                             note = f"compile {compile_ma_s:.0f} s (fwd + bwd graphs)"
                     rows.append(row(wl, prov, t, max_dev=dev, note=note, layer=name, act=act, mode=mode,
-                                    gflops=flops / t["median"] / 1e9, flops=flops, dtype=str(dtype),
+                                    gflops=flops / t["median"] / 1e9, flops=flops, dtype=str(dtype), device=device,
                                     bytes=_min_bytes(layer, n, dtype, mode)))
                 base = results["eager conv+act"]["median"]
                 for r in rows[-len(provs):]:
@@ -215,11 +249,14 @@ def _compiled_step(compiled, eager, x, gy):
 
 
 def summary(rows) -> list[str]:
-    """Target checks (CPU: >= 1.0x eager on every layer, >= 1.3x on stem and depthwise)."""
+    """Target checks (CPU: >= 1.0x eager on every layer, >= 1.3x on stem and depthwise; GPU: see
+    :func:`gpu_summary`)."""
     out = []
     hf = [r for r in rows if r["provider"] == "hierfast Conv2dAct"]
     if not hf:
         return out
+    if hf[0].get("device") == "cuda":
+        return gpu_summary(rows)
     worst = min(hf, key=lambda r: r["ratio"])
     below = [r for r in hf if not r["ratio"] >= 1.0]
     out.append(f"target >= 1.0x eager on every layer/activation/mode: {'MET' if not below else 'MISSED'} "
@@ -247,6 +284,55 @@ def summary(rows) -> list[str]:
             mode = "default" if prov == "torch.compile" else "max-autotune"
             out.append(f"hierfast faster than torch.compile ({mode}) on {wins}/{len(comp)} rows")
     devs = [r["max_dev"] for r in hf if math.isfinite(r["max_dev"])]
+    if devs:
+        out.append(f"hierfast max relative deviation from float64: {max(devs):.1e}")
+    return out
+
+
+def _memory_bound(r, peaks) -> bool:
+    """The row's arithmetic intensity (FLOPs per byte of its minimal traffic) is below the
+    device's balance point (peak FLOP/s over bandwidth, for the row's dtype)."""
+    peak = peaks.get(str(r.get("dtype"))) if peaks else None
+    return bool(peak) and r["flops"] / r["bytes"] < peak / peaks["bandwidth"]
+
+
+def gpu_summary(rows, device_name: str | None = None) -> list[str]:
+    """The issue's GPU targets (bf16): hierfast >= torch.compile default on every layer, >= 1.2x
+    eager on the memory-bound layers (by arithmetic intensity against the device's balance
+    point); and, per row, the forced backends against the automatic choice: the data for the
+    registry's per-shape choice."""
+    from _common import device_peaks
+
+    if device_name is None:
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    peaks = device_peaks(device_name)
+    out = []
+    hf = {r["workload"]: r for r in rows if r["provider"] == "hierfast Conv2dAct"}
+    comp = {r["workload"]: r for r in rows if r["provider"] == "torch.compile"}
+    common = [w for w in hf if w in comp]
+    if common:
+        slower = [w for w in common if not hf[w]["time_s"] <= comp[w]["time_s"]]
+        out.append(f"GPU target >= torch.compile (default) on every row: {'MET' if not slower else 'MISSED'} "
+                   f"({len(common) - len(slower)}/{len(common)}"
+                   + ("; slower: " + ", ".join(f"{w} {comp[w]['time_s'] / hf[w]['time_s']:.2f}x" for w in slower)
+                      if slower else "") + ")")
+    if peaks:
+        mem = [r for r in hf.values() if _memory_bound(r, peaks)]
+        miss = [r for r in mem if not r["ratio"] >= 1.2]
+        out.append(f"GPU target >= 1.2x eager on the memory-bound rows (intensity < "
+                   f"{peaks[str(next(iter(hf.values()))['dtype'])] / peaks['bandwidth']:.0f} FLOP/B on "
+                   f"{device_name}): {'MET' if not miss else 'MISSED'} ({len(mem) - len(miss)}/{len(mem)}"
+                   + ("; missed: " + ", ".join(f"{r['workload']} {r['ratio']:.2f}x" for r in miss) if miss else "")
+                   + ")")
+    else:
+        out.append(f"GPU memory-bound target: no peak figures for '{device_name}' in _common.DEVICE_PEAKS")
+    forced = [r for r in rows if r["provider"].startswith("hierfast backend=")]
+    for r in forced:
+        auto = hf.get(r["workload"])
+        if auto:
+            out.append(f"backend choice: {r['workload']}: {r['provider'].split('=', 1)[1]} "
+                       f"{auto['time_s'] / r['time_s']:.2f}x the automatic choice's speed")
+    devs = [r["max_dev"] for r in hf.values() if math.isfinite(r["max_dev"])]
     if devs:
         out.append(f"hierfast max relative deviation from float64: {max(devs):.1e}")
     return out

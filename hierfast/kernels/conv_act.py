@@ -6,7 +6,8 @@
   (tf32 tensor cores for fp32 inputs on GPU), bias + activation in the epilogue,
   autotuned over tile sizes on GPU.
 * ``_depthwise_kernel``: direct depthwise conv (groups == C_in == C_out): each program
-  owns BLOCK_P pixels x BLOCK_C channels and walks the KH x KW taps.
+  owns BLOCK_P pixels x BLOCK_C channels and walks the KH x KW taps; autotuned over the
+  tile on GPU.
 
 Both take element strides, so contiguous and channels_last inputs work alike; the
 output takes the layout torch's convolution would give it. Offsets are 32-bit, the index
@@ -145,6 +146,16 @@ def _depthwise_kernel(X, W, B, Y, P, C, H, Wd, OH, OW,
 _WIDE_AT = 2**31
 
 
+# Direct depthwise tiles (pixels x channels): channels are the contiguous dimension of an NHWC
+# tensor, so BLOCK_C runs are one vector load per pixel and tap; neighbouring pixels share
+# their input rows through the cache.
+_DEPTHWISE_CONFIGS = [
+    triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
+    for bp, bc, w in [(64, 32, 4), (128, 32, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8), (256, 16, 4)]
+]
+_depthwise_tuned = triton.autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "OW"])(_depthwise_kernel)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -176,13 +187,21 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
     conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(alpha))
     if groups == cin == cout and cin_g == 1:
         p = n * oh * ow
-        bp, bc = (16, 16) if _interpreting() else (64, 32)
-        grid = (triton.cdiv(p, bp), triton.cdiv(cout, bc))
-        _depthwise_kernel[grid](x, w, bias, y, p, cout, h, wd, oh, ow, *common, w.stride(0), w.stride(2),
-                                w.stride(3), *y.stride(), *conv, KH=kh, KW=kw, HAS_BIAS=b is not None, CODE=code,
-                                WIDE=wide, BLOCK_P=bp, BLOCK_C=bc)
+        args = (x, w, bias, y, p, cout, h, wd, oh, ow, *common, w.stride(0), w.stride(2), w.stride(3), *y.stride(),
+                *conv)
+        meta = dict(KH=kh, KW=kw, HAS_BIAS=b is not None, CODE=code, WIDE=wide)
+        if _interpreting() or x.device.type != "cuda":
+            _depthwise_kernel[(triton.cdiv(p, 16), triton.cdiv(cout, 16))](*args, **meta, BLOCK_P=16, BLOCK_C=16)
+        else:
+            grid = lambda META: (triton.cdiv(p, META["BLOCK_P"]), triton.cdiv(cout, META["BLOCK_C"]))  # noqa: E731
+            _depthwise_tuned[grid](*args, **meta)
         return y
     m, cout_g, k = n * oh * ow, cout // groups, cin_g * kh * kw
+    # The weight as O x KH x KW x I (channels_last): the reduction index k = (kh, kw, ci) is then
+    # the element offset within a filter, so each B tile loads contiguous runs (O x I x KH x KW
+    # strides them by KH*KW: a gather per element). A copy of the weight unless already so (1x1
+    # filters always are).
+    w = w.contiguous(memory_format=torch.channels_last)
     args = (x, w, bias, y, m, cout_g, k, cin_g, h, wd, oh, ow, *common, *w.stride(), *y.stride(), *conv)
     meta = dict(KW=kw, HAS_BIAS=b is not None, CODE=code, UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
                 PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda else "ieee", WIDE=wide)

@@ -49,6 +49,14 @@ def _fused_training_at_every_size(monkeypatch, request):
         monkeypatch.setattr(conv_act, "_EAGER_TRAIN_MAX_OUTPUT_SMOOTH", 0)
 
 
+@pytest.fixture(autouse=True)
+def _fixed_triton_tiles(monkeypatch, request):
+    """On a GPU the Triton conv kernels autotune their tiles per new shape (seconds each): tests
+    take one fixed tile, except those marked ``triton_autotune``."""
+    if "triton_autotune" not in request.keywords:
+        monkeypatch.setenv("HIERFAST_TRITON_AUTOTUNE", "0")
+
+
 def pytest_report_header(config):
     info = hierfast.info()
     lines = [f"hierfast {info['hierfast']} torch {info['torch']} triton {info['triton']}"]

@@ -85,3 +85,15 @@ def test_64_bit_offsets(shape, monkeypatch):
     monkeypatch.setattr(kernels, "_WIDE_AT", 0)
     for channels_last in (False, True):
         _check(shape, channels_last, bias=True, act=("gelu", {}))
+
+
+@pytest.mark.triton_autotune
+@pytest.mark.skipif(DEV != "cuda", reason="autotuning runs on a GPU only")
+def test_autotuned_tiles(monkeypatch):
+    """The autotuned kernels (Triton times the configs that fit the GPU and keeps the fastest)
+    compute the layer (bf16, channels_last: the GPU's case): implicit GEMM and depthwise."""
+    import os
+
+    assert os.environ.get("HIERFAST_TRITON_AUTOTUNE", "1") != "0"
+    for shape in (SHAPES[1], (4, 64, 14, 14, 64, 3, 1, 1, 1, 1), DW[0], (4, 32, 28, 28, 32, 3, 1, 1, 1, 32)):
+        _check(shape, True, True, ("relu", {}), torch.bfloat16)

@@ -160,6 +160,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _autotune() -> bool:
+    """Autotune the tiles (GPU only). ``HIERFAST_TRITON_AUTOTUNE=0`` takes one fixed tile instead:
+    autotuning compiles and times every config once per new shape (seconds each), which the
+    correctness tests' hundreds of shapes cannot afford (tests/conftest.py sets it)."""
+    return os.environ.get("HIERFAST_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
 def _channels_last(t: torch.Tensor) -> bool:
     """t's strides say channels_last (and not also contiguous: 1x1 images and single channels
     are both, and torch then keeps the contiguous layout)."""
@@ -192,6 +199,9 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
         meta = dict(KH=kh, KW=kw, HAS_BIAS=b is not None, CODE=code, WIDE=wide)
         if _interpreting() or x.device.type != "cuda":
             _depthwise_kernel[(triton.cdiv(p, 16), triton.cdiv(cout, 16))](*args, **meta, BLOCK_P=16, BLOCK_C=16)
+        elif not _autotune():
+            _depthwise_kernel[(triton.cdiv(p, 64), triton.cdiv(cout, 32))](*args, **meta, BLOCK_P=64, BLOCK_C=32,
+                                                                        num_warps=4)
         else:
             grid = lambda META: (triton.cdiv(p, META["BLOCK_P"]), triton.cdiv(cout, META["BLOCK_C"]))  # noqa: E731
             _depthwise_tuned[grid](*args, **meta)
@@ -208,6 +218,9 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
     if _interpreting() or x.device.type != "cuda":
         grid = (triton.cdiv(m, 16), triton.cdiv(cout_g, 16), groups)
         _igemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    elif not _autotune():
+        grid = (triton.cdiv(m, 64), triton.cdiv(cout_g, 64), groups)
+        _igemm_kernel[grid](*args, **meta, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     else:
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(cout_g, META["BLOCK_N"]), groups)  # noqa: E731
         _igemm_tuned[grid](*args, **meta)

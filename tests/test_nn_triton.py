@@ -97,3 +97,18 @@ def test_autotuned_tiles(monkeypatch):
     assert os.environ.get("HIERFAST_TRITON_AUTOTUNE", "1") != "0"
     for shape in (SHAPES[1], (4, 64, 14, 14, 64, 3, 1, 1, 1, 1), DW[0], (4, 32, 28, 28, 32, 3, 1, 1, 1, 32)):
         _check(shape, True, True, ("relu", {}), torch.bfloat16)
+
+
+def test_output_layout_follows_torch_for_ambiguous_strides():
+    """Size-1 dimensions make strides fit both layouts; the output takes torch's choice: a 1x1
+    weight permuted from O x H x W x I (strides C, 1, C, C) is channels_last to torch, one of
+    strides (C, 1, 1, 1) is not; a strided bias view is read right."""
+    x = torch.randn(2, 8, 5, 5, device=DEV)
+    b = torch.randn(8, device=DEV)[::2]
+    for w in (torch.randn(4, 1, 1, 8, device=DEV).permute(0, 3, 1, 2), torch.randn(4, 8, 1, 1, device=DEV),
+              torch.randn(4, 8, 3, 3, device=DEV).contiguous(memory_format=torch.channels_last)):
+        pad = w.shape[-1] // 2
+        y = conv2d_act(x, w, b, padding=pad, activation="relu", backend="triton")
+        ref = F.relu(F.conv2d(x, w, b, padding=pad))
+        assert y.stride() == ref.stride(), (w.stride(), y.stride(), ref.stride())
+        torch.testing.assert_close(y, ref, atol=2e-3 if DEV == "cuda" else 1e-5, rtol=0)

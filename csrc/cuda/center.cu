@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "hierfast/cuda_kernels.h"
@@ -19,11 +20,13 @@ template <typename TIn>
 __global__ void colsum_kernel(const TIn* __restrict__ x, int64_t n, int64_t d, int64_t s0,
                               int64_t s1, double* __restrict__ sum) {
   const int64_t col = (int64_t)blockIdx.x * kCols + threadIdx.x;
-  const int64_t r0 = (int64_t)blockIdx.y * kRowsPerBlock;
-  const int64_t r1 = min(n, r0 + kRowsPerBlock);
   double acc = 0.0;
-  if (col < d)
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRows) acc += ld(x + r * s0 + col * s1);
+  // blocks stride over the row chunks: gridDim.y is capped at 65535 (more than 16.7 M rows)
+  for (int64_t r0 = (int64_t)blockIdx.y * kRowsPerBlock; r0 < n; r0 += (int64_t)gridDim.y * kRowsPerBlock) {
+    const int64_t r1 = min(n, r0 + kRowsPerBlock);
+    if (col < d)
+      for (int64_t r = r0 + threadIdx.y; r < r1; r += kRows) acc += ld(x + r * s0 + col * s1);
+  }
   __shared__ double part[kRows][kCols];
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
@@ -54,7 +57,8 @@ std::string launch(const TIn* x, int64_t n, int64_t d, int64_t s0, int64_t s1, T
                    double* mean, cudaStream_t st) {
   cudaError_t e = cudaMemsetAsync(mean, 0, sizeof(double) * d, st);
   if (e != cudaSuccess) return cudaGetErrorString(e);
-  dim3 grid((unsigned)((d + kCols - 1) / kCols), (unsigned)((n + kRowsPerBlock - 1) / kRowsPerBlock));
+  dim3 grid((unsigned)((d + kCols - 1) / kCols),
+            (unsigned)std::min<int64_t>((n + kRowsPerBlock - 1) / kRowsPerBlock, 65535));
   colsum_kernel<TIn><<<grid, dim3(kCols, kRows), 0, st>>>(x, n, d, s0, s1, mean);
   if ((e = cudaGetLastError()) != cudaSuccess) return cudaGetErrorString(e);
   finalize_mean<<<(unsigned)((d + 255) / 256), 256, 0, st>>>(mean, d, n);

@@ -1,7 +1,8 @@
 // CUDA Gram epilogue (see csrc/cpu/gram_epilogue.cpp for the definition).
-// Kernel 1: one block per row computes the float64 row sum; the last block to
-// finish (atomic ticket) sums the row sums into the total in a fixed order, so the
-// result is deterministic. Kernel 2: a grid-stride fused write of the centred Gram.
+// Kernel 1: one block per row computes the float64 row sum. Kernel 2: one block sums the
+// row sums into the total in a fixed order (deterministic), after kernel 1 on the same
+// stream (no cross-block ticket: a process-wide counter broke with several GPUs or streams).
+// Kernel 3: a grid-stride fused write of the centred Gram.
 #include <cuda_runtime.h>
 
 #include <string>
@@ -30,30 +31,22 @@ __device__ double block_sum(double v) {
 
 template <typename TIn>
 __global__ void rowsum_kernel(const TIn* __restrict__ K, int64_t n, int64_t s0, int64_t s1,
-                              double* __restrict__ rowsum, double* __restrict__ total,
-                              unsigned int* __restrict__ ticket, bool unbiased) {
+                              double* __restrict__ rowsum, bool unbiased) {
   const int64_t i = blockIdx.x;
   const TIn* row = K + i * s0;
   double acc = 0.0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
     if (!(unbiased && j == i)) acc += ld(row + j * s1);
   acc = block_sum(acc);
-  __shared__ bool last;
-  if (threadIdx.x == 0) {
-    rowsum[i] = acc;
-    __threadfence();
-    last = atomicAdd(ticket, 1u) == (unsigned int)(gridDim.x - 1);
-  }
-  __syncthreads();
-  if (last) {  // the final block reduces all row sums in a fixed order
-    double t = 0.0;
-    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) t += ((volatile double*)rowsum)[k];
-    t = block_sum(t);
-    if (threadIdx.x == 0) {
-      *total = t;
-      *ticket = 0;
-    }
-  }
+  if (threadIdx.x == 0) rowsum[i] = acc;
+}
+
+// One block of kThreads: each thread sums a fixed stride of the row sums, then the block.
+__global__ void total_kernel(const double* __restrict__ rowsum, int64_t n, double* __restrict__ total) {
+  double t = 0.0;
+  for (int64_t k = threadIdx.x; k < n; k += blockDim.x) t += rowsum[k];
+  t = block_sum(t);
+  if (threadIdx.x == 0) *total = t;
 }
 
 template <typename TIn, typename TOut>
@@ -75,18 +68,11 @@ __global__ void write_kernel(const TIn* __restrict__ K, int64_t n, int64_t s0, i
 template <typename TIn, typename TOut>
 std::string launch(const TIn* K, int64_t n, int64_t s0, int64_t s1, TOut* out, double* rowsum,
                    double* total, bool unbiased, cudaStream_t stream) {
-  // The ticket counter lives in device memory owned by this translation unit
-  // (reset by the last block, so it is reusable across calls on one stream).
-  static unsigned int* ticket = nullptr;
-  if (ticket == nullptr) {
-    cudaError_t e = cudaMalloc(&ticket, sizeof(unsigned int));
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-    e = cudaMemset(ticket, 0, sizeof(unsigned int));
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-  }
-  rowsum_kernel<TIn><<<(unsigned)n, kThreads, 0, stream>>>(K, n, s0, s1, rowsum, total, ticket, unbiased);
+  rowsum_kernel<TIn><<<(unsigned)n, kThreads, 0, stream>>>(K, n, s0, s1, rowsum, unbiased);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return cudaGetErrorString(e);
+  total_kernel<<<1, kThreads, 0, stream>>>(rowsum, n, total);
+  if ((e = cudaGetLastError()) != cudaSuccess) return cudaGetErrorString(e);
   const int64_t nn = n * n;
   const unsigned blocks = (unsigned)std::min<int64_t>((nn + kThreads - 1) / kThreads, 65535 * 8);
   write_kernel<TIn, TOut><<<blocks, kThreads, 0, stream>>>(K, n, s0, s1, out, rowsum, total, unbiased);

@@ -168,9 +168,26 @@ def _autotune() -> bool:
 
 
 def _channels_last(t: torch.Tensor) -> bool:
-    """t's strides say channels_last (and not also contiguous: 1x1 images and single channels
-    are both, and torch then keeps the contiguous layout)."""
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    """torch's own test of channels_last strides (c10's is_channels_last_strides_2d, behind
+    ``suggest_memory_format``): strides that grow over C, W, H, N. Size-1 dimensions make some
+    tensors both layouts; this answers as torch does there (a 1x1 weight of strides (C, 1, C, C)
+    is channels_last, one of strides (C, 1, 1, 1) is not)."""
+    if t.dim() != 4 or t.stride(1) == 0:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if t.shape[d] == 0 or t.stride(d) < smallest:
+            return False
+        if d == 0 and smallest == t.stride(1):
+            return False
+        smallest = t.stride(d) * (t.shape[d] if t.shape[d] > 1 else 1)
+    return True
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements from t's first to its last, + 1: what its offsets reach (a strided view can
+    reach past 2^31 with fewer elements)."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
 
 
 def output_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
@@ -188,8 +205,8 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
     ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     # torch's convolution's output layout (a drop-in: a following view() must work as it did)
     y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, w))
-    bias = b if b is not None else w  # placeholder pointer, never read
-    wide = max(x.numel(), w.numel(), y.numel()) >= _WIDE_AT
+    bias = b.contiguous() if b is not None else w  # w: a placeholder pointer, never read
+    wide = max(_span(x), _span(w), _span(y)) >= _WIDE_AT
     common = (*x.stride(), )
     conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(alpha))
     if groups == cin == cout and cin_g == 1:

@@ -12,7 +12,7 @@ import torch
 from .. import _dtypes
 from .._compile import is_compiling
 from ..backends import Op
-from ._launch import cpu_kernels, cuda_kernels, cuda_stream
+from ._launch import cpu_kernels, cuda_kernels, cuda_stream, on_device
 
 _IN = _dtypes.FLOAT_DTYPES
 _OUT = (torch.float32, torch.float64)
@@ -51,7 +51,8 @@ def _cuda(x, out, mean):
 def _triton(x, out, mean):
     from ..kernels.center import center_columns as kernel
 
-    kernel(x, out, mean)
+    with on_device(x):
+        kernel(x, out, mean)
 
 
 @torch.library.custom_op("hierfast::center_columns", mutates_args=("out", "mean"))

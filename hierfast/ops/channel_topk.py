@@ -18,7 +18,7 @@ import torch
 
 from .. import _dtypes
 from ..backends import Op
-from ._launch import cpu_kernels, cuda_kernels, cuda_stream
+from ._launch import cpu_kernels, cuda_kernels, cuda_stream, on_device
 
 _IN = _dtypes.FLOAT_DTYPES
 OP = Op("channel_topk")
@@ -86,7 +86,8 @@ def _cuda(x, vals, idx, pos, bad, base, mode):
 def _triton(x, vals, idx, pos, bad, base, mode):
     from ..kernels.channel_topk import channel_topk as kernel
 
-    kernel(x, vals, idx, pos, bad, base, mode)
+    with on_device(x):
+        kernel(x, vals, idx, pos, bad, base, mode)
 
 
 def channel_topk(x: torch.Tensor, state: dict, base: int, *, reduce: str = "max", backend: str | None = None):

@@ -36,7 +36,7 @@ import torch.utils.weak
 from .. import _dtypes
 from ..backends import Op
 from . import activations as A
-from ._launch import cpu_kernels, cuda_kernels, cuda_stream
+from ._launch import cpu_kernels, cuda_kernels, cuda_stream, on_device
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FORWARD = Op("conv2d_act")
@@ -368,10 +368,11 @@ def _triton_reasons(x, w, *rest):
 def _fwd_triton(x, w, b, p, act, keep, stats):
     from ..kernels.conv_act import conv2d_act_triton
 
-    z = conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation, p.groups, A.IDENTITY, 0.0) \
-        if keep and not act.grad_from_output else None
-    y = A.apply(z, act) if z is not None else conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation,
-                                                                 p.groups, act.code, act.alpha)
+    with on_device(x):
+        z = conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation, p.groups, A.IDENTITY, 0.0) \
+            if keep and not act.grad_from_output else None
+        y = A.apply(z, act) if z is not None else conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation,
+                                                                     p.groups, act.code, act.alpha)
     if stats is not None:
         _stats_reference(y, stats)
     saved = (y if act.grad_from_output else z) if keep else None

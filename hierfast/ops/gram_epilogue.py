@@ -19,7 +19,7 @@ import torch
 from .. import _dtypes
 from .._compile import is_compiling
 from ..backends import Op
-from ._launch import cpu_kernels, cuda_kernels, cuda_stream
+from ._launch import cpu_kernels, cuda_kernels, cuda_stream, on_device
 
 _IN = (torch.float32, torch.float64)
 OP = Op("gram_epilogue")
@@ -68,7 +68,8 @@ def _cuda(gram, out, rowsum, total, *, unbiased):
 def _triton(gram, out, rowsum, total, *, unbiased):
     from ..kernels.gram_epilogue import gram_epilogue as kernel
 
-    kernel(gram, out, rowsum, total, unbiased)
+    with on_device(gram):
+        kernel(gram, out, rowsum, total, unbiased)
 
 
 @torch.library.custom_op("hierfast::gram_epilogue", mutates_args=("out", "rowsum", "total"))

@@ -24,7 +24,7 @@ import torch
 
 from .. import _dtypes
 from ..backends import Op
-from ._launch import cpu_kernels, cuda_kernels, cuda_stream
+from ._launch import cpu_kernels, cuda_kernels, cuda_stream, on_device
 
 _IN = (torch.float32, torch.float64)
 KEEP = 4  # screened candidates per row; with 4, certification fails on ~0 % of rows of real data
@@ -158,7 +158,8 @@ def _cuda(x, allow_bf16):
 def _triton(x, allow_bf16):
     from ..kernels.knn2 import knn2_screen
 
-    return _screened(x, knn2_screen)
+    with on_device(x):
+        return _screened(x, knn2_screen)
 
 
 def knn2(x: torch.Tensor, *, backend: str | None = None, screen: str = "auto", return_stats: bool = False):

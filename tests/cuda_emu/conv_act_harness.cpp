@@ -4,7 +4,8 @@
 // grids of one block to a few per row range (so blocks stride). Built and run by
 // tests/test_cuda_emulation.py; prints "failures: 0" on success.
 #include "cuda_emu.h"
-#include "conv_act_emu.cpp"  // csrc/cuda/conv_act.cu with each <<<...>>> launch made emu::launch
+#include "hierfast/act.h"
+#include "hierfast/cuda_kernels.h"  // the launchers: csrc/cuda/conv_act.cu, built under the emulation
 
 #include <cmath>
 #include <cstdio>

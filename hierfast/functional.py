@@ -140,18 +140,34 @@ def _cached_geometry(stride, padding, dilation, groups, w_shape, x_shape):
 
 
 # --------------------------------------------------------------------------- autograd (eager)
+def _differentiable_grads(gy, x, w, b, p, act, mask):
+    """``(gx, gw, gb)`` (None where ``mask`` is False) of ``act(conv(x, w) + b)`` that autograd can
+    differentiate again: the backward of a ``create_graph=True`` call (gradient penalties,
+    Hessian-vector products, meta-learning). The layer is recomputed with torch's ops and
+    differentiated by autograd; the fused kernels' gradients are plain tensors, which a second
+    differentiation would take for constants (silently wrong)."""
+    inputs = [t for t, m in zip((x, w, b), mask) if m]
+    with torch.enable_grad():
+        y = A.apply(K._conv(x, w, b, p), act)
+        grads = iter(torch.autograd.grad(y, inputs, gy, create_graph=True))
+    return tuple(next(grads) if m else None for m in mask)
+
+
 class _ConvActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, p, act, backend, stats):
         y, saved = K.forward(x, w, b, p, act, keep=True, stats=stats, backend=backend)
-        ctx.save_for_backward(x, w, saved)
+        ctx.save_for_backward(x, w, b, saved)
         ctx.p, ctx.act, ctx.backend = p, act, backend
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, w, saved = ctx.saved_tensors
-        gx, gw, gb = K.backward(gy, x, w, saved, ctx.p, ctx.act, ctx.needs_input_grad[:3], backend=ctx.backend)
+        x, w, b, saved = ctx.saved_tensors
+        mask = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: these gradients get differentiated too
+            return (*_differentiable_grads(gy, x, w, b, ctx.p, ctx.act, mask), None, None, None, None)
+        gx, gw, gb = K.backward(gy, x, w, saved, ctx.p, ctx.act, mask, backend=ctx.backend)
         return gx, gw, gb, None, None, None, None
 
 
@@ -212,6 +228,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, gy, gpre):
     x, w, b, saved = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if torch.is_grad_enabled():  # create_graph=True: these gradients get differentiated too
+        stride, padding, dilation, groups, act, act_code, alpha = ctx.args
+        grads = _differentiable_grads(gy, x, w, b, K.ConvArgs(stride, padding, dilation, groups),
+                                      A.Activation(act, act_code, alpha), mask)
+        return (*grads, None, None, None, None, None, None, None, None)
     if saved.numel() == 0 and gy.numel() > 0:
         # Called with keep=False yet differentiated: recompute the pre-activation.
         stride, padding, dilation, groups = ctx.args[:4]

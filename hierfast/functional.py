@@ -157,7 +157,9 @@ class _ConvActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, p, act, backend, stats):
         y, saved = K.forward(x, w, b, p, act, keep=True, stats=stats, backend=backend)
-        ctx.save_for_backward(x, w, b, saved)
+        # the identity's backward needs nothing of y: not saved, so that y may be changed in place
+        # (a residual `out += identity` after a Conv+BN folded to an identity layer), as after a conv
+        ctx.save_for_backward(x, w, b, None if act.code == A.IDENTITY else saved)
         ctx.p, ctx.act, ctx.backend = p, act, backend
         return y
 
@@ -220,7 +222,8 @@ def _setup_context(ctx, inputs, output):
     x, w, b, stride, padding, dilation, groups, act, act_code, alpha, keep = inputs
     y, pre = output
     a = A.Activation(act, act_code, alpha)
-    ctx.save_for_backward(x, w, b, y if a.grad_from_output else pre)
+    # the identity's backward needs nothing of y (kept out, so that y may be changed in place)
+    ctx.save_for_backward(x, w, b, y if a.grad_from_output and a.code != A.IDENTITY else pre)
     ctx.args = (stride, padding, dilation, groups, act, act_code, alpha)
     ctx.has_bias = b is not None
 
@@ -233,7 +236,9 @@ def _backward(ctx, gy, gpre):
         grads = _differentiable_grads(gy, x, w, b, K.ConvArgs(stride, padding, dilation, groups),
                                       A.Activation(act, act_code, alpha), mask)
         return (*grads, None, None, None, None, None, None, None, None)
-    if saved.numel() == 0 and gy.numel() > 0:
+    if ctx.args[5] == A.IDENTITY:
+        saved = gy  # read by nothing: the identity's derivative is 1
+    elif saved.numel() == 0 and gy.numel() > 0:
         # Called with keep=False yet differentiated: recompute the pre-activation.
         stride, padding, dilation, groups = ctx.args[:4]
         saved = torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, [0, 0], groups)

@@ -196,3 +196,65 @@ def test_fuse_keeps_channels_last_weights():
     assert fused[0].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 8, 9, 9).to(memory_format=torch.channels_last)
     torch.testing.assert_close(fused(x), model(x))
+
+
+class _TorchvisionBasicBlock(nn.Module):
+    """torchvision's BasicBlock: the residual added in place to the second conv's BN output."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fuse_blocks_inside_a_sequential_and_train(channels_last):
+    """torchvision's BasicBlocks in an nn.Sequential (the `nn.Sequential(*resnet.children())`
+    feature-extractor idiom: the blocks are fused by tracing each one; a Sequential model was
+    once left unfused) train like the unfused blocks with frozen BN: outputs, input and weight
+    gradients."""
+    torch.manual_seed(0)
+    model = _randomise_bn(nn.Sequential(_TorchvisionBasicBlock(8), _TorchvisionBasicBlock(8))).eval()
+    fused, report = fuse(model)
+    assert sum(r["fused"] for r in report) == 4
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=fmt)
+    outs, grads = [], []
+    for m in (model, fused):  # frozen BN (eval mode), trained like a fine-tuned backbone
+        xi = x.detach().clone().requires_grad_()
+        y = m(xi)
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append(xi.grad)
+    assert _rel(outs[1], outs[0]) <= 1e-5 and _rel(grads[1], grads[0]) <= 1e-4
+    # folded weights w' = w * s (s = gamma / sqrt(var + eps)): dL/dw = dL/dw' * s
+    bn = model[1].bn2
+    s = (bn.weight / (bn.running_var + bn.eps).sqrt())[:, None, None, None]
+    assert _rel(fused[1].conv2.weight.grad * s, model[1].conv2.weight.grad) <= 1e-4
+
+
+@pytest.mark.parametrize("activation", ["identity", "gelu", "mish"])
+def test_output_changed_in_place_trains_like_conv(activation):
+    """A layer whose backward needs nothing of its output (identity) or keeps the pre-activation
+    (smooth activations) lets the caller change the output in place, as after nn.Conv2d + that
+    activation (a residual `out += x`; the identity layer once raised "modified by an inplace
+    operation"). The ReLU family keeps y, as torch's ReLU does: there both raise alike."""
+    torch.manual_seed(0)
+    m = Conv2dAct(6, 6, 3, padding=1, activation=activation)
+    ref = nn.Conv2d(6, 6, 3, padding=1)
+    ref.load_state_dict(m.state_dict())
+    act = {"identity": nn.Identity(), "gelu": nn.GELU(), "mish": nn.Mish()}[activation]
+    x = torch.randn(2, 6, 9, 9)
+    for layer in (m, lambda t: act(ref(t))):
+        out = layer(x)
+        out += x
+        out.square().sum().backward()
+    for a, b in ((m.weight, ref.weight), (m.bias, ref.bias)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)

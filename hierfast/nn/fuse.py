@@ -3,8 +3,11 @@
 Two passes: (1) every ``nn.Sequential`` run ``Conv2d, [BatchNorm2d], activation``
 (the BN and activation slots become ``nn.Identity`` so other indices and state_dict
 keys stay put); (2) when Conv2d layers remain outside such runs, a ``torch.fx``
-trace of the model, fusing ``conv -> [bn] -> activation`` chains whose intermediate
-results have no other user (then the returned model is a ``GraphModule``).
+trace, fusing ``conv -> [bn] -> activation`` chains whose intermediate results have no
+other user: of the model (then the returned model is a ``GraphModule``), or, where the
+model is an ``nn.Sequential`` (its indices stay) or cannot be traced, of each child that
+holds such convs, recursively (``nn.Sequential(*resnet.children())[:-1]``-style feature
+extractors, models with data-dependent control flow around traceable blocks).
 """
 from __future__ import annotations
 
@@ -135,14 +138,32 @@ def _act_of_node(node, modules):
     return None
 
 
-def _fuse_fx(model: nn.Module, report: list):
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - untraceable models keep the Sequential pass only
-        report.append({"layer": "<model>", "fused": False,
-                       "reason": f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
-                                 "only nn.Sequential runs were fused"})
-        return model
+def _has_plain_conv(module: nn.Module) -> bool:
+    return any(type(m) is nn.Conv2d for m in module.modules())
+
+
+def _fuse_fx_tree(module: nn.Module, report: list, prefix: str = "") -> nn.Module:
+    """The fx pass on ``module``, or, where it is an ``nn.Sequential`` (whose indices must stay)
+    or cannot be traced, on each child that holds a plain Conv2d; returns the module to use."""
+    if not _has_plain_conv(module) or type(module) is nn.Conv2d:
+        return module
+    if not isinstance(module, nn.Sequential):
+        try:
+            graph = _Tracer().trace(module)
+        except Exception as exc:  # noqa: BLE001 - untraceable: its children are tried one by one
+            report.append({"layer": prefix or "<model>", "fused": False,
+                           "reason": f"torch.fx could not trace {prefix or 'the model'} ({type(exc).__name__}: "
+                                     f"{exc}); its children were traced one by one, its own convs left alone"})
+        else:
+            return _fuse_graph(module, graph, report, prefix)
+    for name, child in list(module.named_children()):
+        new = _fuse_fx_tree(child, report, _join(prefix, name))
+        if new is not child:
+            module._modules[name] = new
+    return module
+
+
+def _fuse_graph(model: nn.Module, graph, report: list, prefix: str):
     gm = fx.GraphModule(model, graph)
     modules = dict(gm.named_modules())
     changed = False
@@ -167,7 +188,7 @@ def _fuse_fx(model: nn.Module, report: list):
         for d in reversed(dead):
             gm.graph.erase_node(d)
         changed = True
-        report.append({"layer": node.target, "fused": True, "batchnorm": bn is not None,
+        report.append({"layer": _join(prefix, node.target), "fused": True, "batchnorm": bn is not None,
                        "activation": str(fused.activation), "replaced": [d.name for d in dead],
                        "pass": "fx"})
     if not changed:
@@ -188,8 +209,8 @@ def fuse(model: nn.Module, inplace: bool = False):
 
     Args:
         model: any ``nn.Module``. BatchNorm is folded only in eval mode (running stats).
-        inplace: modify ``model`` itself (else a deep copy). The fx pass returns a new
-            ``GraphModule`` either way.
+        inplace: modify ``model`` itself (else a deep copy). Where the fx pass fuses the model
+            as a whole, it returns a new ``GraphModule`` either way.
 
     Returns:
         ``(fused_model, report)``: report is a list of dicts, one per candidate layer:
@@ -202,6 +223,5 @@ def fuse(model: nn.Module, inplace: bool = False):
         model = copy.deepcopy(model)
     report: list = []
     _fuse_sequentials(model, report)
-    if any(type(m) is nn.Conv2d for m in model.modules()) and not isinstance(model, nn.Sequential):
-        model = _fuse_fx(model, report)
+    model = _fuse_fx_tree(model, report)
     return model, report

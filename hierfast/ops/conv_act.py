@@ -449,8 +449,11 @@ def _depthwise_backward_cpu(gy, x, w, saved, p: ConvArgs, act: A.Activation, wan
 
 
 def backward(gy, x, w, saved, p: ConvArgs, act: A.Activation, mask, *, backend=None):
-    """Gradients ``(gx, gw, gb)`` (None where ``mask`` is False) of ``y = act(conv(x, w) + b)``."""
+    """Gradients ``(gx, gw, gb)`` (None where ``mask`` is False) of ``y = act(conv(x, w) + b)``;
+    ``saved`` may be None for the identity activation (nothing of y is needed)."""
     want_x, want_w, want_b = mask
+    if saved is None:
+        saved = gy  # the identity: its derivative (1) reads nothing of it
     impl = ACT_GRAD.select((gy, saved), backend if backend != "triton" else None)
     if impl.backend == "cpu" and _depthwise_fusable(gy, x, w, saved, p):
         # one pass instead of activation grad + conv backward (the weight and bias sums come free)

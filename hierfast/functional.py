@@ -259,6 +259,16 @@ def _traced(*tensors) -> bool:
     return any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors if t is not None)
 
 
+def functorch_wrapped(*tensors) -> bool:
+    """Any of ``tensors`` is a torch.func transform's (vmap, grad, jacrev, ...) wrapper: then the
+    layer runs torch's own ops, which the transforms know how to batch and differentiate (the
+    fused kernels take raw pointers)."""
+    if is_compiling():  # dynamo cannot trace the check (and handles the transforms itself)
+        return False
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and is_wrapped(t) for t in tensors)
+
+
 # --------------------------------------------------------------------------- public function
 def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                dilation=1, groups: int = 1, activation="relu", *, stats: torch.Tensor | None = None,
@@ -279,6 +289,9 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     Returns:
         ``(N, C_out, H_out, W_out)`` (or unbatched), same dtype and memory format as torch's conv.
+
+    Under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...) it runs torch's own
+    convolution and activation, which the transforms can batch and differentiate.
 
     Paths (automatic backend): the fused op (hierfast/ops/conv_act.py: oneDNN's post-op
     convolution or torch's convolution + one C++ pass, fused depthwise kernels, CUDA epilogue);
@@ -305,7 +318,11 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                              f"{x.device}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if _traced(x, weight, bias):
+    if functorch_wrapped(x, weight, bias):  # torch.func transforms (per-sample gradients, Jacobians)
+        if stats is not None:
+            raise ValueError("stats taps cannot be used under torch.func transforms (vmap, grad, ...)")
+        y = K.eager_forward(x, weight, bias, p, act, None)
+    elif _traced(x, weight, bias):
         if stats is not None:
             raise ValueError("stats taps are eager-only; they cannot be used under torch.compile/export")
         y, _ = torch.ops.hierfast.conv2d_act(x, weight, bias, list(p.stride), list(p.padding), list(p.dilation),

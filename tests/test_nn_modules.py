@@ -258,3 +258,34 @@ def test_output_changed_in_place_trains_like_conv(activation):
         out.square().sum().backward()
     for a, b in ((m.weight, ref.weight), (m.bias, ref.bias)):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
+def test_torch_func_transforms(activation):
+    """Per-sample gradients (vmap over grad, torch.func.functional_call) and a Jacobian (jacrev)
+    as with nn.Conv2d + the activation; the statistics tap is skipped under the transforms (the
+    fused op's autograd Function once refused them)."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    torch.manual_seed(0)
+    m = Conv2dAct(3, 4, 3, padding=1, activation=activation, track_stats=True)
+    ref = nn.Conv2d(3, 4, 3, padding=1)
+    ref.load_state_dict(m.state_dict())
+    act = {"relu": F.relu, "gelu": F.gelu, "identity": lambda t: t}[activation]
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randn(5, 3, 8, 8)
+
+    def per_sample(model, post):
+        def loss(p, xi):
+            return post(functional_call(model, p, (xi.unsqueeze(0),))).square().mean()
+        return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+    ours, theirs = per_sample(m, lambda y: y), per_sample(ref, act)
+    for k in ours:
+        assert ours[k].shape == (5, *params[k].shape)
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-5)
+    jac = jacrev(lambda xi: m(xi))(x[:1])
+    torch.testing.assert_close(jac, jacrev(lambda xi: act(ref(xi)))(x[:1]), atol=1e-5, rtol=1e-5)
+    assert m.stats() is None  # nothing tapped under the transforms
+    m(x)
+    assert m.stats()["count"] == 5 * 8 * 8  # eager calls still are

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._compile import is_compiling
-from ..functional import conv2d_act
+from ..functional import conv2d_act, functorch_wrapped
 from ..ops import activations as A
 
 
@@ -18,7 +18,8 @@ class Conv2dAct(nn.Conv2d):
     ``approximate``), and ``track_stats``: accumulate per-channel mean, variance and
     fraction of positive outputs inside the epilogue (read with :meth:`stats`).
     ``state_dict`` keys are those of ``nn.Conv2d`` (``weight``, ``bias``), so weights
-    load both ways. Statistics are eager-only: under ``torch.compile`` the tap is skipped.
+    load both ways. Statistics are eager-only: under ``torch.compile`` and ``torch.func``
+    transforms the tap is skipped.
     Each call takes the path measured fastest for it (``hierfast.functional.conv2d_act``).
 
     Shape: ``(N, C_in, H, W)`` or ``(C_in, H, W)`` -> ``(N, C_out, H_out, W_out)``.
@@ -56,7 +57,7 @@ class Conv2dAct(nn.Conv2d):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         stats = None
-        if self.track_stats and not is_compiling():
+        if self.track_stats and not is_compiling() and not functorch_wrapped(input, self.weight):
             if self._stats is None or self._stats.device != input.device:
                 self._stats = torch.zeros(self.out_channels, 3, dtype=torch.float64, device=input.device)
             stats = self._stats

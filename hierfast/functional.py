@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 from ._compile import is_compiling
@@ -260,11 +261,14 @@ def _traced(*tensors) -> bool:
 
 
 def functorch_wrapped(*tensors) -> bool:
-    """Any of ``tensors`` is a torch.func transform's (vmap, grad, jacrev, ...) wrapper: then the
-    layer runs torch's own ops, which the transforms know how to batch and differentiate (the
-    fused kernels take raw pointers)."""
+    """Any of ``tensors`` is a torch.func transform's (vmap, grad, jacrev, jvp, ...) wrapper, or
+    forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: then the layer runs torch's
+    own ops, which the transforms know how to batch and differentiate (the fused kernels take raw
+    pointers: a forward-mode tangent came out as the convolution's alone, with no error)."""
     if is_compiling():  # dynamo cannot trace the check (and handles the transforms itself)
         return False
+    if _forward_ad._current_level >= 0:
+        return True
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return any(t is not None and is_wrapped(t) for t in tensors)
 
@@ -290,8 +294,8 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     Returns:
         ``(N, C_out, H_out, W_out)`` (or unbatched), same dtype and memory format as torch's conv.
 
-    Under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...) it runs torch's own
-    convolution and activation, which the transforms can batch and differentiate.
+    Under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...) and forward-mode AD it
+    runs torch's own convolution and activation, which these can batch and differentiate.
 
     Paths (automatic backend): the fused op (hierfast/ops/conv_act.py: oneDNN's post-op
     convolution or torch's convolution + one C++ pass, fused depthwise kernels, CUDA epilogue);
@@ -318,7 +322,7 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                              f"{x.device}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if functorch_wrapped(x, weight, bias):  # torch.func transforms (per-sample gradients, Jacobians)
+    if functorch_wrapped(x, weight, bias):  # torch.func transforms, forward-mode AD
         if stats is not None:
             raise ValueError("stats taps cannot be used under torch.func transforms (vmap, grad, ...)")
         y = K.eager_forward(x, weight, bias, p, act, None)

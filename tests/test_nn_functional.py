@@ -564,3 +564,21 @@ def test_onednn_weight_reuse_follows_every_change():
     del m, opt
     gc.collect()
     assert len(K._PACKED_WEIGHTS) == n - 1
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "identity"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_forward_mode_ad_as_torch(act, grad):
+    """Tangents (torch.autograd.forward_ad) as torch's: the fused kernels change y in place, so a
+    tangent once came out as the convolution's alone (the activation's derivative missing)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b, kw = _data(SHAPES[1], dtype=torch.float64)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+    w.requires_grad_(grad)
+    with fwAD.dual_level():
+        xd, wd = fwAD.make_dual(x, tx), fwAD.make_dual(w, tw)
+        ours = fwAD.unpack_dual(conv2d_act(xd, wd, b, activation=act, **kw))
+        ref = fwAD.unpack_dual(_ref(xd, wd, b, kw, act, {}))
+    torch.testing.assert_close(ours.primal, ref.primal)
+    torch.testing.assert_close(ours.tangent, ref.tangent)

@@ -331,3 +331,28 @@ def test_gpu_side_stream(backend):
     torch.testing.assert_close(stats1, stats0, atol=1e-6, rtol=1e-6)
     for a, r in zip(grads1, grads0):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_algorithms_reproduce_every_bit(device):
+    """Under torch.use_deterministic_algorithms(True) two runs give the same bits: output,
+    statistics, all gradients (the CUDA kernels' atomic per-channel sums give way to torch's
+    reductions there; the CPU kernels sum in a fixed order anyway)."""
+    n, c = 4, 40
+    x = torch.randn(n, 24, 15, 17, device=device).to(memory_format=torch.channels_last)
+    w = torch.randn(c, 24, 3, 3, device=device) / 15
+    b = torch.randn(c, device=device)
+    g = torch.randn(n, c, 15, 17, device=device)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            stats = torch.zeros(c, 3, dtype=torch.float64, device=device)
+            y, grads = _grads(lambda *t: conv2d_act(*t, padding=1, activation="gelu", stats=stats), [x, w, b], g)
+            runs.append([y, stats, *grads])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for a, r in zip(*runs):
+        assert torch.equal(a, r)
+    torch.testing.assert_close(runs[0][1], _channel_stats(runs[0][0]), atol=1e-9, rtol=1e-9)

@@ -349,13 +349,23 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
     return _epilogue_forward(x, w, b, p, act, keep, stats, _cpu_epilogue(act))
 
 
+def _atomics_allowed() -> bool:
+    """The CUDA kernels' per-channel sums (statistics, bias gradient) add block partials with
+    float64 atomics, in no fixed order; under ``torch.use_deterministic_algorithms(True)`` torch's
+    own reductions take their place (one more read of the tensor)."""
+    return not torch.are_deterministic_algorithms_enabled()
+
+
 @FORWARD.register("cuda", devices=("cuda",), dtypes=_FLOATS)
 def _fwd_cuda(x, w, b, p, act, keep, stats):
     def run(z, y, n, c, hw, nhwc, b, stats):
+        tap = stats if _atomics_allowed() else None
         with torch.cuda.device(z.device):
             cuda_kernels().conv_act_forward(z.data_ptr(), y.data_ptr(), _dtypes.code(z.dtype), n, c, hw, nhwc,
                                             0 if b is None else b.data_ptr(), act.code, act.alpha,
-                                            0 if stats is None else stats.data_ptr(), cuda_stream(z))
+                                            0 if tap is None else tap.data_ptr(), cuda_stream(z))
+        if stats is not None and tap is None:
+            _stats_reference(y, stats)
     return _epilogue_forward(x, w, b, p, act, keep, stats, run)
 
 
@@ -415,7 +425,10 @@ def _grad_cuda(gy, saved, act, want_bias):
             cuda_kernels().conv_act_backward(gy.data_ptr(), s.data_ptr(), gz.data_ptr(), _dtypes.code(s.dtype), n,
                                              c, hw, nhwc, act.code, act.alpha, 0 if gb is None else gb.data_ptr(),
                                              cuda_stream(s))
-    return _epilogue_grad(gy, saved, act, want_bias, run)
+    if _atomics_allowed():
+        return _epilogue_grad(gy, saved, act, want_bias, run)
+    gz, _ = _epilogue_grad(gy, saved, act, False, run)
+    return gz, (gz.sum((0, 2, 3), dtype=torch.float64) if want_bias else None)
 
 
 # --------------------------------------------------------------------------- entry points

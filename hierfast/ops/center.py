@@ -41,6 +41,10 @@ def _cpu(x, out, mean):
 
 @OP.register("cuda", devices=("cuda",), dtypes=_IN)
 def _cuda(x, out, mean):
+    if torch.are_deterministic_algorithms_enabled():
+        # the kernel adds block partials of the column sums with float64 atomics, in no fixed
+        # order: torch.use_deterministic_algorithms(True) gets torch's reductions instead
+        return _reference(x, out, mean)
     with torch.cuda.device(x.device):
         cuda_kernels().center_columns(x.data_ptr(), _dtypes.code(x.dtype), x.shape[0], x.shape[1],
                                       x.stride(0), x.stride(1), out.data_ptr(), _dtypes.code(out.dtype),

@@ -260,7 +260,7 @@ def _traced(*tensors) -> bool:
     return any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors if t is not None)
 
 
-def functorch_wrapped(*tensors) -> bool:
+def under_func_transforms(*tensors) -> bool:
     """Any of ``tensors`` is a torch.func transform's (vmap, grad, jacrev, jvp, ...) wrapper, or
     forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: then the layer runs torch's
     own ops, which the transforms know how to batch and differentiate (the fused kernels take raw
@@ -322,9 +322,10 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                              f"{x.device}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if functorch_wrapped(x, weight, bias):  # torch.func transforms, forward-mode AD
+    if under_func_transforms(x, weight, bias):  # torch.func transforms, forward-mode AD
         if stats is not None:
-            raise ValueError("stats taps cannot be used under torch.func transforms (vmap, grad, ...)")
+            raise ValueError("stats taps cannot be used under torch.func transforms (vmap, grad, ...) or "
+                             "forward-mode AD")
         y = K.eager_forward(x, weight, bias, p, act, None)
     elif _traced(x, weight, bias):
         if stats is not None:

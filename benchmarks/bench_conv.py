@@ -11,9 +11,10 @@ weight and bias grads). Every provider's output (forward) or weight gradient
 Providers: eager conv + activation, hierfast Conv2dAct, torch.compile (default), on a GPU
 also torch.compile(mode="max-autotune") (HIERFAST_CONV_MAX_AUTOTUNE=0 leaves it out) and
 each hierfast GPU backend forced ("hierfast backend=cuda": cuDNN + our epilogue kernel;
-"hierfast backend=triton": our Triton kernels) where the automatic choice is another one:
-the data for the registry's per-shape choice; and torch's conv with no activation as the
-fusion bound.
+"hierfast backend=triton": our Triton kernels) where the automatic choice is another one,
+and for ReLU forward rows torch's own fused cuDNN conv + bias + ReLU
+(``torch.cudnn_convolution_relu``, inference only): the data for the registry's per-shape
+choice; and torch's conv with no activation as the fusion bound.
 
 Run: ``python benchmarks/run.py conv [--quick]``.
 """
@@ -110,6 +111,21 @@ def _models(layer, act, device, dtype):
     return eager, fused, ref
 
 
+CUDNN_RELU = "torch cudnn_convolution_relu"
+
+
+class _CudnnConvRelu(nn.Module):
+    """``torch.cudnn_convolution_relu``: cuDNN's fused convolution + bias + ReLU (GPU inference)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        c = self.conv
+        return torch.cudnn_convolution_relu(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
 class _ForcedBackend(nn.Module):
     """A Conv2dAct run on one named backend (``conv2d_act(..., backend=...)``)."""
 
@@ -194,11 +210,22 @@ def run(quick: bool = False) -> list[dict]:
                 compile_ma_s = time.perf_counter() - t0
             forced = [(f"hierfast backend={b}", _ForcedBackend(fused, b)) for b in _gpu_backends_to_force(fused, x)] \
                 if cuda else []
+            # torch's own fused cuDNN conv + bias + ReLU (inference only, no autograd): the GPU
+            # counterpart of oneDNN's post-op path, a candidate for the per-shape choice
+            cudnn_relu = [(CUDNN_RELU, _CudnnConvRelu(eager[0]))] if cuda and act == "relu" else []
+            if cudnn_relu:
+                try:  # not every build and dtype has it: leave it out rather than lose the layer
+                    with torch.no_grad():
+                        cudnn_relu[0][1](x)
+                except RuntimeError as exc:
+                    print(f"bench_conv: {CUDNN_RELU} left out for {name}: {exc}".splitlines()[0])
+                    cudnn_relu = []
             time.sleep(1.0)
             for mode in ("fwd", "fwd+bwd"):
                 wl = f"{name} {act} {mode} (N={n})"
                 flops = _flops(layer, n) * (1 if mode == "fwd" else 3)
                 provs = (("eager conv+act", eager), ("hierfast Conv2dAct", fused), *forced,
+                         *(cudnn_relu if mode == "fwd" else ()),
                          ("torch.compile", compiled),
                          *((("torch.compile max-autotune", compiled_ma),) if compiled_ma is not None else ()),
                          (BOUND, nn.Sequential(eager[0])))
@@ -326,11 +353,12 @@ def gpu_summary(rows, device_name: str | None = None) -> list[str]:
                    + ")")
     else:
         out.append(f"GPU memory-bound target: no peak figures for '{device_name}' in _common.DEVICE_PEAKS")
-    forced = [r for r in rows if r["provider"].startswith("hierfast backend=")]
+    forced = [r for r in rows if r["provider"].startswith("hierfast backend=") or r["provider"] == CUDNN_RELU]
     for r in forced:
         auto = hf.get(r["workload"])
         if auto:
-            out.append(f"backend choice: {r['workload']}: {r['provider'].split('=', 1)[1]} "
+            what = r["provider"].split("=", 1)[1] if "=" in r["provider"] else r["provider"]
+            out.append(f"backend choice: {r['workload']}: {what} "
                        f"{auto['time_s'] / r['time_s']:.2f}x the automatic choice's speed")
     devs = [r["max_dev"] for r in hf.values() if math.isfinite(r["max_dev"])]
     if devs:

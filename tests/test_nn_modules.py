@@ -289,3 +289,36 @@ def test_torch_func_transforms(activation):
     assert m.stats() is None  # nothing tapped under the transforms
     m(x)
     assert m.stats()["count"] == 5 * 8 * 8  # eager calls still are
+
+
+def test_fuse_leaves_hooked_layers_alone():
+    """A conv, BN or activation with hooks or parametrizations (a capture's forward hook, a pruning
+    mask, weight norm) is not fused: the fused layer would drop them silently. The report says
+    why; the other layers still fuse, and the model computes what it did."""
+    from torch.nn.utils import parametrizations, prune
+
+    torch.manual_seed(0)
+    seen = []
+    model = _randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),   # 0: BN hooked
+        nn.Conv2d(4, 4, 3, padding=1), nn.GELU(),                      # 3: pruned (a pre-hook)
+        nn.Conv2d(4, 4, 1), nn.SiLU(),                                 # 5: weight norm (parametrized)
+        nn.Conv2d(4, 4, 1), nn.ReLU(),                                 # 7: activation hooked
+        nn.Conv2d(4, 4, 1), nn.Tanh())).eval()                         # 9: plain: fused
+    model[1].register_forward_hook(lambda m, i, o: seen.append("bn"))
+    prune.l1_unstructured(model[3], "weight", amount=0.5)
+    parametrizations.weight_norm(model[5])
+    model[8].register_forward_hook(lambda m, i, o: seen.append("relu"))
+    x = torch.randn(2, 3, 8, 8)
+    want = model(x)
+    with pytest.raises(ValueError, match="inplace=True"):  # torch cannot deep-copy a pruned module
+        fuse(model)
+    fused, report = fuse(model, inplace=True)
+    by_layer = {r["layer"]: r for r in report}
+    assert [k for k, r in by_layer.items() if r["fused"]] == ["9"]
+    assert "forward hooks" in by_layer["0"]["reason"] and "BatchNorm2d" in by_layer["0"]["reason"]
+    assert "forward pre-hooks" in by_layer["3"]["reason"]
+    assert "parametrizations" in by_layer["5"]["reason"]
+    assert "ReLU" in by_layer["7"]["reason"]
+    seen.clear()
+    assert _rel(fused(x), want) <= 1e-5 and seen == ["bn", "relu"]

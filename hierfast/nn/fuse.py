@@ -12,8 +12,10 @@ extractors, models with data-dependent control flow around traceable blocks).
 from __future__ import annotations
 
 import copy
+
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 from torch import fx, nn
 
 from ..ops import activations as A
@@ -32,6 +34,27 @@ _ACT_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: 
               F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish",
               torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.mish: "mish"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def _hooked(m: nn.Module) -> str | None:
+    """What a fused layer would silently drop of ``m``: its hooks or parametrizations (pruning
+    masks, weight norm, a capture's forward hooks); None when it has none."""
+    kinds = [kind for kind, hooks in (("forward hooks", m._forward_hooks), ("forward pre-hooks", m._forward_pre_hooks),
+                                      ("backward hooks", m._backward_hooks),
+                                      ("backward pre-hooks", getattr(m, "_backward_pre_hooks", {})))
+             if hooks]
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        kinds.append("parametrizations")
+    return " and ".join(kinds) or None
+
+
+def _hook_reason(*modules) -> str | None:
+    """Why these modules may not be fused away (the first one's hooks), or None."""
+    for m in modules:
+        kinds = m is not None and _hooked(m)
+        if kinds:
+            return f"{type(m).__name__} has {kinds}, which a fused layer would drop; remove them to fuse"
+    return None
 
 
 def _plain_conv(m) -> bool:
@@ -88,6 +111,8 @@ def _fuse_sequentials(model: nn.Module, report: list) -> None:
         while i < len(keys):
             conv = seq._modules[keys[i]]
             if not _plain_conv(conv):
+                if isinstance(conv, nn.Conv2d) and torch.nn.utils.parametrize.is_parametrized(conv):
+                    report.append({"layer": _join(prefix, keys[i]), "fused": False, "reason": _hook_reason(conv)})
                 i += 1
                 continue
             j, bn = i + 1, None
@@ -101,6 +126,11 @@ def _fuse_sequentials(model: nn.Module, report: list) -> None:
             act = _act_of_module(seq._modules[keys[j]]) if j < len(keys) else None
             if act is None and bn is None:
                 i += 1
+                continue
+            why = _hook_reason(conv, bn, seq._modules[keys[j]] if act else None)
+            if why:
+                report.append({"layer": _join(prefix, keys[i]), "fused": False, "reason": why})
+                i = j + (1 if act else 0)
                 continue
             name, kw = act if act else ("identity", {})
             seq._modules[keys[i]] = _fused(conv, bn, name, kw)
@@ -178,6 +208,12 @@ def _fuse_graph(model: nn.Module, graph, report: list, prefix: str):
         act = _act_of_node(nxt, modules) if nxt.args and nxt.args[0] is (dead[-1] if dead else node) else None
         if act is None and bn is None:
             continue
+        why = _hook_reason(conv, bn, modules[nxt.target] if act and nxt.op == "call_module" else None)
+        if why:
+            layer = _join(prefix, node.target)
+            if not any(r["layer"] == layer and not r["fused"] for r in report):  # the Sequential pass's
+                report.append({"layer": layer, "fused": False, "reason": why})
+            continue
         name, kw = act if act else ("identity", {})
         if act:
             dead.append(nxt)
@@ -220,7 +256,11 @@ def fuse(model: nn.Module, inplace: bool = False):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as exc:  # e.g. a pruned or weight-normed module after a forward
+            raise ValueError(f"fuse(model) works on a copy, and torch cannot copy this model ({exc}); "
+                             "pass inplace=True to fuse it in place") from exc
     report: list = []
     _fuse_sequentials(model, report)
     model = _fuse_fx_tree(model, report)

@@ -11,8 +11,9 @@
 
 Both take element strides, so contiguous and channels_last inputs work alike; the
 output takes the layout torch's convolution would give it. Offsets are 32-bit, the index
-type Triton gives them, unless a tensor has 2^31 elements or more (``WIDE``: 64-bit). Runs on CUDA tensors, and on CPU tensors under
-``TRITON_INTERPRET=1`` (how CI tests it; no autotuning there).
+type Triton gives them, unless a tensor's offsets reach 2^31 (``WIDE``: 64-bit). Runs on
+CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it; no
+autotuning there).
 """
 import os
 

@@ -260,17 +260,19 @@ def _traced(*tensors) -> bool:
     return any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors if t is not None)
 
 
-def under_func_transforms(*tensors) -> bool:
-    """Any of ``tensors`` is a torch.func transform's (vmap, grad, jacrev, jvp, ...) wrapper, or
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def under_func_transforms(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
+    """Any of x, w, b is a torch.func transform's (vmap, grad, jacrev, jvp, ...) wrapper, or
     forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: then the layer runs torch's
     own ops, which the transforms know how to batch and differentiate (the fused kernels take raw
-    pointers: a forward-mode tangent came out as the convolution's alone, with no error)."""
+    pointers: a forward-mode tangent came out as the convolution's alone, with no error). Called
+    on every eager call: written for speed (~0.3 us)."""
     if is_compiling():  # dynamo cannot trace the check (and handles the transforms itself)
         return False
-    if _forward_ad._current_level >= 0:
-        return True
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(t is not None and is_wrapped(t) for t in tensors)
+    return (_forward_ad._current_level >= 0 or _is_wrapped(x) or _is_wrapped(w)
+            or (b is not None and _is_wrapped(b)))
 
 
 # --------------------------------------------------------------------------- public function

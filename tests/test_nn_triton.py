@@ -112,3 +112,29 @@ def test_output_layout_follows_torch_for_ambiguous_strides():
         ref = F.relu(F.conv2d(x, w, b, padding=pad))
         assert y.stride() == ref.stride(), (w.stride(), y.stride(), ref.stride())
         torch.testing.assert_close(y, ref, atol=2e-3 if DEV == "cuda" else 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], DW[0]], ids=["igemm", "igemm_groups", "dw"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_statistics_tap_in_the_kernel(shape, channels_last):
+    """The tap (per-channel [sum, sum of squares, count > 0] of y, added to what is there) comes
+    from the kernels' epilogue, one atomic per tile and channel: equal to the sums of y; under
+    deterministic algorithms torch's reductions give the same."""
+    n, cin, h, w, cout, k, s, p, d, g = shape
+    x = torch.randn(n, cin, h, w, device=DEV)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    wt = torch.randn(cout, cin // g, k, k, device=DEV) / (cin // g * k * k) ** 0.5
+    b = torch.randn(cout, device=DEV)
+    for name in ("relu", "gelu"):
+        for deterministic in (False, True):
+            stats = torch.full((cout, 3), 0.5, dtype=torch.float64, device=DEV)
+            prev = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                y = conv2d_act(x, wt, b, s, p, d, g, activation=name, backend="triton", stats=stats)
+            finally:
+                torch.use_deterministic_algorithms(prev)
+            yd = y.double()
+            ref = 0.5 + torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+            torch.testing.assert_close(stats, ref, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")

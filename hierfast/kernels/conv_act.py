@@ -54,11 +54,23 @@ def _activation(z, CODE: tl.constexpr, alpha):
 
 
 @triton.jit
-def _igemm_kernel(X, W, B, Y, M, C_out_g, K, C_in_g, H, Wd, OH, OW,
+def _tap(out, valid, S, ch, mask_ch):
+    """Add the tile's per-channel [sum, sum of squares, count > 0] of ``out`` (the values as
+    stored, rounded to the output dtype) to ``S`` (C x 3 float64): one atomic per channel and
+    statistic per program, not a second pass over the output."""
+    o = tl.where(valid, out.to(tl.float64), 0.0)
+    tl.atomic_add(S + ch * 3, tl.sum(o, axis=0), mask=mask_ch)
+    tl.atomic_add(S + ch * 3 + 1, tl.sum(o * o, axis=0), mask=mask_ch)
+    tl.atomic_add(S + ch * 3 + 2, tl.sum(tl.where(o > 0, 1.0, 0.0).to(tl.float64), axis=0), mask=mask_ch)
+
+
+@triton.jit
+def _igemm_kernel(X, W, B, Y, Z, S, M, C_out_g, K, C_in_g, H, Wd, OH, OW,
                   sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, alpha,
                   KW: tl.constexpr, HAS_BIAS: tl.constexpr, CODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  WIDE: tl.constexpr, STORE_Z: tl.constexpr, STATS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
@@ -95,9 +107,14 @@ def _igemm_kernel(X, W, B, Y, M, C_out_g, K, C_in_g, H, Wd, OH, OW,
         acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    acc = _activation(acc, CODE, alpha)
-    y_ptr = Y + n[:, None] * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
-    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    offset = n[:, None] * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+    valid = mask_m[:, None] & mask_n[None, :]
+    if STORE_Z:  # the pre-activation, which backward needs for a smooth activation (same layout as y)
+        tl.store(Z + offset, acc.to(Z.dtype.element_ty), mask=valid)
+    out = _activation(acc, CODE, alpha).to(Y.dtype.element_ty)
+    tl.store(Y + offset, out, mask=valid)
+    if STATS:
+        _tap(out, valid, S, co, mask_n)
 
 
 _IGEMM_CONFIGS = [
@@ -109,11 +126,12 @@ _igemm_tuned = triton.autotune(_IGEMM_CONFIGS, key=["M", "C_out_g", "K"])(_igemm
 
 
 @triton.jit
-def _depthwise_kernel(X, W, B, Y, P, C, H, Wd, OH, OW,
+def _depthwise_kernel(X, W, B, Y, Z, S, P, C, H, Wd, OH, OW,
                       sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
                       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, alpha,
                       KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
-                      WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      WIDE: tl.constexpr, STORE_Z: tl.constexpr, STATS: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     if WIDE:  # 64-bit offsets: every index below derives from these
@@ -138,9 +156,14 @@ def _depthwise_kernel(X, W, B, Y, P, C, H, Wd, OH, OW,
             acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + rc, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    acc = _activation(acc, CODE, alpha)
-    y_ptr = Y + (n * syn + oh * syh + ow * syw)[:, None] + rc[None, :] * syc
-    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+    offset = (n * syn + oh * syh + ow * syw)[:, None] + rc[None, :] * syc
+    valid = mask_p[:, None] & mask_c[None, :]
+    if STORE_Z:
+        tl.store(Z + offset, acc.to(Z.dtype.element_ty), mask=valid)
+    out = _activation(acc, CODE, alpha).to(Y.dtype.element_ty)
+    tl.store(Y + offset, out, mask=valid)
+    if STATS:
+        _tap(out, valid, S, rc, mask_c)
 
 
 # Tensors of this many elements or more take 64-bit offsets (tests lower it to run that path).
@@ -197,24 +220,30 @@ def output_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_forma
     return torch.channels_last if _channels_last(x) or _channels_last(w) else torch.contiguous_format
 
 
-def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int, alpha: float) -> torch.Tensor:
-    """``act(conv2d(x, w, b))`` for 4-D ``x``; a tensor of x's dtype in the layout torch's
-    convolution would give (:func:`output_memory_format`)."""
+def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int, alpha: float, *,
+                      keep_z: bool = False, stats: torch.Tensor | None = None):
+    """``(y, z)``: ``y = act(conv2d(x, w, b))`` for 4-D ``x``, of x's dtype in the layout torch's
+    convolution would give (:func:`output_memory_format`); ``z`` the pre-activation, written in
+    the same pass when ``keep_z`` (else None); per-channel [sum, sum of squares, count > 0] of y
+    added to ``stats`` (C_out x 3 float64) in the same pass when given."""
     n, cin, h, wd = x.shape
     cout, cin_g, kh, kw = w.shape
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     # torch's convolution's output layout (a drop-in: a following view() must work as it did)
     y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, w))
-    bias = b.contiguous() if b is not None else w  # w: a placeholder pointer, never read
+    z = torch.empty_like(y) if keep_z else None
+    bias = b.contiguous() if b is not None else w  # w: a placeholder pointer (as for z, stats), never read
     wide = max(_span(x), _span(w), _span(y)) >= _WIDE_AT
+    outs = (y, w if z is None else z, w if stats is None else stats)
+    flags = dict(WIDE=wide, STORE_Z=z is not None, STATS=stats is not None)
     common = (*x.stride(), )
     conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(alpha))
     if groups == cin == cout and cin_g == 1:
         p = n * oh * ow
-        args = (x, w, bias, y, p, cout, h, wd, oh, ow, *common, w.stride(0), w.stride(2), w.stride(3), *y.stride(),
-                *conv)
-        meta = dict(KH=kh, KW=kw, HAS_BIAS=b is not None, CODE=code, WIDE=wide)
+        args = (x, w, bias, *outs, p, cout, h, wd, oh, ow, *common, w.stride(0), w.stride(2), w.stride(3),
+                *y.stride(), *conv)
+        meta = dict(KH=kh, KW=kw, HAS_BIAS=b is not None, CODE=code, **flags)
         if _interpreting() or x.device.type != "cuda":
             _depthwise_kernel[(triton.cdiv(p, 16), triton.cdiv(cout, 16))](*args, **meta, BLOCK_P=16, BLOCK_C=16)
         elif not _autotune():
@@ -223,16 +252,16 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
         else:
             grid = lambda META: (triton.cdiv(p, META["BLOCK_P"]), triton.cdiv(cout, META["BLOCK_C"]))  # noqa: E731
             _depthwise_tuned[grid](*args, **meta)
-        return y
+        return y, z
     m, cout_g, k = n * oh * ow, cout // groups, cin_g * kh * kw
     # The weight as O x KH x KW x I (channels_last): the reduction index k = (kh, kw, ci) is then
     # the element offset within a filter, so each B tile loads contiguous runs (O x I x KH x KW
     # strides them by KH*KW: a gather per element). A copy of the weight unless already so (1x1
     # filters always are).
     w = w.contiguous(memory_format=torch.channels_last)
-    args = (x, w, bias, y, m, cout_g, k, cin_g, h, wd, oh, ow, *common, *w.stride(), *y.stride(), *conv)
+    args = (x, w, bias, *outs, m, cout_g, k, cin_g, h, wd, oh, ow, *common, *w.stride(), *y.stride(), *conv)
     meta = dict(KW=kw, HAS_BIAS=b is not None, CODE=code, UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
-                PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda else "ieee", WIDE=wide)
+                PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda else "ieee", **flags)
     if _interpreting() or x.device.type != "cuda":
         grid = (triton.cdiv(m, 16), triton.cdiv(cout_g, 16), groups)
         _igemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -242,4 +271,4 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
     else:
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(cout_g, META["BLOCK_N"]), groups)  # noqa: E731
         _igemm_tuned[grid](*args, **meta)
-    return y
+    return y, z

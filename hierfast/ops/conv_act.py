@@ -350,8 +350,8 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
 
 
 def _atomics_allowed() -> bool:
-    """The CUDA kernels' per-channel sums (statistics, bias gradient) add block partials with
-    float64 atomics, in no fixed order; under ``torch.use_deterministic_algorithms(True)`` torch's
+    """The CUDA and Triton kernels' per-channel sums (statistics, bias gradient) add block
+    partials with float64 atomics, in no fixed order; under ``torch.use_deterministic_algorithms(True)`` torch's
     own reductions take their place (one more read of the tensor)."""
     return not torch.are_deterministic_algorithms_enabled()
 
@@ -378,12 +378,12 @@ def _triton_reasons(x, w, *rest):
 def _fwd_triton(x, w, b, p, act, keep, stats):
     from ..kernels.conv_act import conv2d_act_triton
 
+    # one kernel: y, the pre-activation z when backward needs it, and the statistics tap
+    tap = stats if _atomics_allowed() else None
     with on_device(x):
-        z = conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation, p.groups, A.IDENTITY, 0.0) \
-            if keep and not act.grad_from_output else None
-        y = A.apply(z, act) if z is not None else conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation,
-                                                                     p.groups, act.code, act.alpha)
-    if stats is not None:
+        y, z = conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation, p.groups, act.code, act.alpha,
+                                 keep_z=keep and not act.grad_from_output, stats=tap)
+    if stats is not None and tap is None:
         _stats_reference(y, stats)
     saved = (y if act.grad_from_output else z) if keep else None
     return y, saved

@@ -97,6 +97,14 @@ def test_autotuned_tiles(monkeypatch):
     assert os.environ.get("HIERFAST_TRITON_AUTOTUNE", "1") != "0"
     for shape in (SHAPES[1], (4, 64, 14, 14, 64, 3, 1, 1, 1, 1), DW[0], (4, 32, 28, 28, 32, 3, 1, 1, 1, 32)):
         _check(shape, True, True, ("relu", {}), torch.bfloat16)
+    # the statistics tap on a first (autotuning) call counts y once, not once per trial
+    n, cin, h, w, cout, k, s, p, d, g = (2, 48, 12, 12, 48, 3, 1, 1, 1, 48)
+    for groups, cin_g in ((g, 1), (1, cin)):
+        x = torch.randn(n, cin, h, w, device=DEV, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        wt = torch.randn(cout, cin_g, k, k, device=DEV, dtype=torch.bfloat16) / 3
+        stats = torch.zeros(cout, 3, dtype=torch.float64, device=DEV)
+        y = conv2d_act(x, wt, None, s, p, d, groups, activation="gelu", backend="triton", stats=stats)
+        torch.testing.assert_close(stats[:, 2], (y > 0).sum((0, 2, 3)).double(), atol=0, rtol=0)
 
 
 def test_output_layout_follows_torch_for_ambiguous_strides():

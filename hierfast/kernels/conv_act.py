@@ -15,6 +15,7 @@ type Triton gives them, unless a tensor's offsets reach 2^31 (``WIDE``: 64-bit).
 CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it; no
 autotuning there).
 """
+import inspect
 import os
 
 import torch
@@ -122,7 +123,17 @@ _IGEMM_CONFIGS = [
     for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
                              (128, 32, 32, 4, 4), (64, 32, 32, 2, 5), (32, 64, 32, 2, 5), (64, 64, 64, 4, 3)]
 ]
-_igemm_tuned = triton.autotune(_IGEMM_CONFIGS, key=["M", "C_out_g", "K"])(_igemm_kernel)
+def _autotuned(kernel, configs, key):
+    """``kernel`` autotuned over ``configs``. Autotuning runs the kernel many times on the first
+    call of a shape, so the statistics tap (which adds to ``S``) is restored after each trial
+    (``restore_value``; an older Triton without it gets the tap from torch instead, see
+    conv2d_act_triton)."""
+    kw = {"restore_value": ["S"]} if _TUNING_RESTORES else {}
+    return triton.autotune(configs, key=key, **kw)(kernel)
+
+
+_TUNING_RESTORES = "restore_value" in inspect.signature(triton.autotune).parameters
+_igemm_tuned = _autotuned(_igemm_kernel, _IGEMM_CONFIGS, ["M", "C_out_g", "K"])
 
 
 @triton.jit
@@ -177,7 +188,7 @@ _DEPTHWISE_CONFIGS = [
     triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
     for bp, bc, w in [(64, 32, 4), (128, 32, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8), (256, 16, 4)]
 ]
-_depthwise_tuned = triton.autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "OW"])(_depthwise_kernel)
+_depthwise_tuned = _autotuned(_depthwise_kernel, _DEPTHWISE_CONFIGS, ["P", "C", "OW"])
 
 
 def _interpreting() -> bool:
@@ -222,10 +233,12 @@ def output_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_forma
 
 def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int, alpha: float, *,
                       keep_z: bool = False, stats: torch.Tensor | None = None):
-    """``(y, z)``: ``y = act(conv2d(x, w, b))`` for 4-D ``x``, of x's dtype in the layout torch's
-    convolution would give (:func:`output_memory_format`); ``z`` the pre-activation, written in
-    the same pass when ``keep_z`` (else None); per-channel [sum, sum of squares, count > 0] of y
-    added to ``stats`` (C_out x 3 float64) in the same pass when given."""
+    """``(y, z, untapped)``: ``y = act(conv2d(x, w, b))`` for 4-D ``x``, of x's dtype in the layout
+    torch's convolution would give (:func:`output_memory_format`); ``z`` the pre-activation,
+    written in the same pass when ``keep_z`` (else None); per-channel [sum, sum of squares,
+    count > 0] of y added to ``stats`` (C_out x 3 float64) in the same pass when given, except
+    where an autotuning Triton cannot restore it between trials: then ``untapped`` is ``stats``,
+    for the caller to fill from y (else None)."""
     n, cin, h, wd = x.shape
     cout, cin_g, kh, kw = w.shape
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -233,6 +246,10 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
     # torch's convolution's output layout (a drop-in: a following view() must work as it did)
     y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, w))
     z = torch.empty_like(y) if keep_z else None
+    tuning = x.device.type == "cuda" and not _interpreting() and _autotune()
+    later_tap = None
+    if stats is not None and tuning and not _TUNING_RESTORES:  # trials would add to stats many times
+        stats, later_tap = None, stats
     bias = b.contiguous() if b is not None else w  # w: a placeholder pointer (as for z, stats), never read
     wide = max(_span(x), _span(w), _span(y)) >= _WIDE_AT
     outs = (y, w if z is None else z, w if stats is None else stats)
@@ -252,7 +269,7 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
         else:
             grid = lambda META: (triton.cdiv(p, META["BLOCK_P"]), triton.cdiv(cout, META["BLOCK_C"]))  # noqa: E731
             _depthwise_tuned[grid](*args, **meta)
-        return y, z
+        return y, z, later_tap
     m, cout_g, k = n * oh * ow, cout // groups, cin_g * kh * kw
     # The weight as O x KH x KW x I (channels_last): the reduction index k = (kh, kw, ci) is then
     # the element offset within a filter, so each B tile loads contiguous runs (O x I x KH x KW
@@ -271,4 +288,4 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
     else:
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(cout_g, META["BLOCK_N"]), groups)  # noqa: E731
         _igemm_tuned[grid](*args, **meta)
-    return y, z
+    return y, z, later_tap

@@ -381,9 +381,9 @@ def _fwd_triton(x, w, b, p, act, keep, stats):
     # one kernel: y, the pre-activation z when backward needs it, and the statistics tap
     tap = stats if _atomics_allowed() else None
     with on_device(x):
-        y, z = conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation, p.groups, act.code, act.alpha,
-                                 keep_z=keep and not act.grad_from_output, stats=tap)
-    if stats is not None and tap is None:
+        y, z, untapped = conv2d_act_triton(x, w, b, p.stride, p.padding, p.dilation, p.groups, act.code,
+                                           act.alpha, keep_z=keep and not act.grad_from_output, stats=tap)
+    if stats is not None and (tap is None or untapped is not None):
         _stats_reference(y, stats)
     saved = (y if act.grad_from_output else z) if keep else None
     return y, saved

@@ -263,16 +263,20 @@ def _traced(*tensors) -> bool:
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+_jit_tracing_state = torch._C._get_tracing_state
+
+
 def under_func_transforms(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
     """Any of x, w, b is a torch.func transform's (vmap, grad, jacrev, jvp, ...) wrapper, or
-    forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: then the layer runs torch's
-    own ops, which the transforms know how to batch and differentiate (the fused kernels take raw
-    pointers: a forward-mode tangent came out as the convolution's alone, with no error). Called
-    on every eager call: written for speed (~0.3 us)."""
+    forward-mode AD (``torch.autograd.forward_ad.dual_level``) or ``torch.jit.trace`` is on: then
+    the layer runs torch's own ops, which these know how to batch, differentiate and record (the
+    fused kernels take raw pointers: a forward-mode tangent came out as the convolution's alone,
+    with no error; jit.trace failed on oneDNN's arguments). Called on every eager call: written
+    for speed (~0.3 us)."""
     if is_compiling():  # dynamo cannot trace the check (and handles the transforms itself)
         return False
     return (_forward_ad._current_level >= 0 or _is_wrapped(x) or _is_wrapped(w)
-            or (b is not None and _is_wrapped(b)))
+            or (b is not None and _is_wrapped(b)) or _jit_tracing_state() is not None)
 
 
 # --------------------------------------------------------------------------- public function
@@ -296,8 +300,9 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     Returns:
         ``(N, C_out, H_out, W_out)`` (or unbatched), same dtype and memory format as torch's conv.
 
-    Under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...) and forward-mode AD it
-    runs torch's own convolution and activation, which these can batch and differentiate.
+    Under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...), forward-mode AD and
+    ``torch.jit.trace`` it runs torch's own convolution and activation, which these can batch,
+    differentiate and record.
 
     Paths (automatic backend): the fused op (hierfast/ops/conv_act.py: oneDNN's post-op
     convolution or torch's convolution + one C++ pass, fused depthwise kernels, CUDA epilogue);
@@ -326,8 +331,8 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                                               or (bias is not None and bias.requires_grad))
     if under_func_transforms(x, weight, bias):  # torch.func transforms, forward-mode AD
         if stats is not None:
-            raise ValueError("stats taps cannot be used under torch.func transforms (vmap, grad, ...) or "
-                             "forward-mode AD")
+            raise ValueError("stats taps cannot be used under torch.func transforms (vmap, grad, ...), "
+                             "forward-mode AD or torch.jit.trace")
         y = K.eager_forward(x, weight, bias, p, act, None)
     elif _traced(x, weight, bias):
         if stats is not None:

@@ -322,3 +322,20 @@ def test_fuse_leaves_hooked_layers_alone():
     assert "ReLU" in by_layer["7"]["reason"]
     seen.clear()
     assert _rel(fused(x), want) <= 1e-5 and seen == ["bn", "relu"]
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "mish"])
+def test_jit_trace_records_the_layer(activation):
+    """torch.jit.trace (TorchScript deployment) records torch's conv and activation: the traced
+    module computes what the layer does on new inputs (it once failed on oneDNN's arguments)."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = Conv2dAct(3, 8, 3, padding=1, activation=activation, track_stats=True).eval()
+    x = torch.randn(2, 3, 40, 40).to(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        traced = torch.jit.trace(m, x, check_trace=False)  # (the check would run m eagerly: tapped)
+    assert m.stats() is None  # the tap is skipped while tracing
+    x2 = torch.randn(3, 3, 40, 40)
+    torch.testing.assert_close(traced(x2), m(x2), atol=1e-5, rtol=1e-5)

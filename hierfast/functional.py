@@ -268,13 +268,14 @@ _jit_tracing_state = torch._C._get_tracing_state
 
 def under_func_transforms(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
     """Any of x, w, b is a torch.func transform's (vmap, grad, jacrev, jvp, ...) wrapper, or
-    forward-mode AD (``torch.autograd.forward_ad.dual_level``) or ``torch.jit.trace`` is on: then
-    the layer runs torch's own ops, which these know how to batch, differentiate and record (the
-    fused kernels take raw pointers: a forward-mode tangent came out as the convolution's alone,
-    with no error; jit.trace failed on oneDNN's arguments). Called on every eager call: written
+    forward-mode AD (``torch.autograd.forward_ad.dual_level``), ``torch.jit.trace`` or an ONNX
+    export is on: then the layer runs torch's own ops, which these know how to batch,
+    differentiate, record and translate (the fused kernels take raw pointers: a forward-mode
+    tangent came out as the convolution's alone, with no error; jit.trace failed on oneDNN's
+    arguments; ONNX has no translation of the custom op). Called on every eager call: written
     for speed (~0.3 us)."""
-    if is_compiling():  # dynamo cannot trace the check (and handles the transforms itself)
-        return False
+    if is_compiling():  # dynamo cannot trace the checks below (and handles the transforms itself)
+        return torch.onnx.is_in_onnx_export()  # the dynamo ONNX exporter: torch.export underneath
     return (_forward_ad._current_level >= 0 or _is_wrapped(x) or _is_wrapped(w)
             or (b is not None and _is_wrapped(b)) or _jit_tracing_state() is not None)
 
@@ -300,9 +301,9 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     Returns:
         ``(N, C_out, H_out, W_out)`` (or unbatched), same dtype and memory format as torch's conv.
 
-    Under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...), forward-mode AD and
-    ``torch.jit.trace`` it runs torch's own convolution and activation, which these can batch,
-    differentiate and record.
+    Under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...), forward-mode AD,
+    ``torch.jit.trace`` and ``torch.onnx.export`` it runs torch's own convolution and activation,
+    which these can batch, differentiate, record and translate.
 
     Paths (automatic backend): the fused op (hierfast/ops/conv_act.py: oneDNN's post-op
     convolution or torch's convolution + one C++ pass, fused depthwise kernels, CUDA epilogue);

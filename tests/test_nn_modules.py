@@ -339,3 +339,25 @@ def test_jit_trace_records_the_layer(activation):
     assert m.stats() is None  # the tap is skipped while tracing
     x2 = torch.randn(3, 3, 40, 40)
     torch.testing.assert_close(traced(x2), m(x2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_export_runs_in_onnxruntime(dynamo):
+    """Both ONNX exporters translate a fused model (torch's conv and activation are recorded; the
+    dynamo exporter has no translation of the custom op) and onnxruntime computes what it does."""
+    import io
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")  # in the test extras; here for installs without them
+    pytest.importorskip("onnxscript" if dynamo else "onnx")
+    torch.manual_seed(0)
+    model, _ = fuse(_randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU(),
+                                                nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.ReLU6())).eval())
+    x = torch.randn(2, 3, 20, 20)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), f, dynamo=dynamo)
+    sess = ort.InferenceSession(f.getvalue())
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ from .backends import forced_backend
 from .ops import activations as A
 from .ops import conv_act as K
 
-__all__ = ["conv2d_act"]
+__all__ = ["conv2d_act", "decompositions"]
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -249,6 +249,35 @@ def _backward(ctx, gy, gpre):
 
 
 _conv2d_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _decompose_conv2d_act(x, w, b, stride, padding, dilation, groups, act, act_code, alpha, keep):
+    a = A.Activation(act, act_code, alpha)
+    z = torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, [0, 0], groups)
+    return A.apply(z, a), (z if keep and not a.grad_from_output else x.new_empty(0))
+
+
+def _decompose_conv2d_act_backward(gy, x, w, saved, stride, padding, dilation, groups, act, act_code, alpha, mask):
+    a = A.Activation(act, act_code, alpha)
+    gz = gy if act_code == A.IDENTITY else gy * A.derivative(saved, a)
+    gx, gw, _ = torch.ops.aten.convolution_backward(gz, x, w, [w.shape[0]], stride, padding, dilation, False, [0, 0],
+                                                    groups, [mask[0], mask[1], False])
+    return (gx if mask[0] else x.new_empty(0), gw if mask[1] else w.new_empty(0),
+            gz.sum((0, 2, 3)) if mask[2] else w.new_empty(0))
+
+
+def decompositions() -> dict:
+    """``{op: function}`` decomposing hierfast's custom ops (``hierfast::conv2d_act`` and its
+    backward) into core ATen ops, for ``ExportedProgram.run_decompositions``: deployments that
+    run without Python (AOTInductor, ExecuTorch) cannot call the ops' Python implementations::
+
+        ep = torch.export.export(model, args)
+        table = torch.export.default_decompositions()
+        table.update(hierfast.functional.decompositions())
+        ep = ep.run_decompositions(table)  # aten.convolution + the activation's ATen ops
+    """
+    return {torch.ops.hierfast.conv2d_act.default: _decompose_conv2d_act,
+            torch.ops.hierfast.conv2d_act_backward.default: _decompose_conv2d_act_backward}
 
 
 def _traced(*tensors) -> bool:

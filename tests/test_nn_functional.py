@@ -582,3 +582,39 @@ def test_forward_mode_ad_as_torch(act, grad):
         ref = fwAD.unpack_dual(_ref(xd, wd, b, kw, act, {}))
     torch.testing.assert_close(ours.primal, ref.primal)
     torch.testing.assert_close(ours.tangent, ref.tangent)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_decompositions_lower_exported_programs_to_aten(act):
+    """hierfast.functional.decompositions() lowers an exported program to ATen ops (no hierfast
+    op left: what AOTInductor and ExecuTorch can run), computing the same; the backward op's
+    decomposition gives the op's gradients."""
+    from hierfast.functional import decompositions
+
+    name, akw = act
+    x, w, b, kw = _data(SHAPES[1])
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = torch.nn.Parameter(w), torch.nn.Parameter(b)
+
+        def forward(self, x):
+            return conv2d_act(x, self.w, self.b, activation=name, **kw, **akw)
+
+    m = M()
+    table = torch.export.default_decompositions()
+    table.update(decompositions())
+    ep = torch.export.export(m, (x,)).run_decompositions(table)
+    assert not any("hierfast" in str(n.target) for n in ep.graph.nodes)
+    x2 = torch.randn_like(x)
+    torch.testing.assert_close(ep.module()(x2), m(x2), atol=1e-5, rtol=1e-5)
+    # the backward op against its decomposition
+    a = A.resolve(name, **akw)  # SHAPES[1]: stride 1, padding 1, dilation 1, groups 1
+    gy = torch.randn_like(m(x))
+    y, pre = torch.ops.hierfast.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, a.name, a.code, a.alpha, True)
+    saved = y if a.grad_from_output else pre
+    args = (gy, x, w, saved, [1, 1], [1, 1], [1, 1], 1, a.name, a.code, a.alpha, [True, True, True])
+    for got, want in zip(torch.ops.hierfast.conv2d_act_backward(*args),
+                         decompositions()[torch.ops.hierfast.conv2d_act_backward.default](*args)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ kernel (hierfast/ops/conv_act.py), differentiable, and a torch custom op
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import List, Optional, Tuple
 
@@ -181,8 +182,14 @@ def _conv2d_act_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], 
                    keep: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(y, pre)``; ``pre`` is the pre-activation when backward needs it
     (smooth activations and ``keep``), else an empty tensor."""
+    return _op_forward(x, w, b, stride, padding, dilation, groups, act, act_code, alpha, keep)
+
+
+def _op_forward(x, w, b, stride, padding, dilation, groups, act, act_code, alpha, keep, backend=None):
+    """The body of ``hierfast::conv2d_act``; with ``backend="reference"`` (torch's ops) its
+    ATen decomposition (:func:`decompositions`)."""
     a = A.Activation(act, act_code, alpha)
-    y, saved = K.forward(x, w, b, K.ConvArgs(stride, padding, dilation, groups), a, keep=keep)
+    y, saved = K.forward(x, w, b, K.ConvArgs(stride, padding, dilation, groups), a, keep=keep, backend=backend)
     pre = saved if (keep and not a.grad_from_output) else x.new_empty(0)
     return y, pre
 
@@ -200,8 +207,14 @@ def _conv2d_act_backward_op(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
                             stride: List[int], padding: List[int], dilation: List[int], groups: int, act: str,
                             act_code: int, alpha: float, mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor]:
+    return _op_backward(gy, x, w, saved, stride, padding, dilation, groups, act, act_code, alpha, mask)
+
+
+def _op_backward(gy, x, w, saved, stride, padding, dilation, groups, act, act_code, alpha, mask, backend=None):
+    """The body of ``hierfast::conv2d_act_backward``; with ``backend="reference"`` (torch's ops)
+    its ATen decomposition (:func:`decompositions`)."""
     a = A.Activation(act, act_code, alpha)
-    gx, gw, gb = K.backward(gy, x, w, saved, K.ConvArgs(stride, padding, dilation, groups), a, mask)
+    gx, gw, gb = K.backward(gy, x, w, saved, K.ConvArgs(stride, padding, dilation, groups), a, mask, backend=backend)
     # custom ops cannot return None: empty placeholders where no gradient was asked for
     return (_like(gx, x) if gx is not None else x.new_empty(0), _like(gw, w) if gw is not None else w.new_empty(0),
             gb if gb is not None else w.new_empty(0))
@@ -251,21 +264,6 @@ def _backward(ctx, gy, gpre):
 _conv2d_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _decompose_conv2d_act(x, w, b, stride, padding, dilation, groups, act, act_code, alpha, keep):
-    a = A.Activation(act, act_code, alpha)
-    z = torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, [0, 0], groups)
-    return A.apply(z, a), (z if keep and not a.grad_from_output else x.new_empty(0))
-
-
-def _decompose_conv2d_act_backward(gy, x, w, saved, stride, padding, dilation, groups, act, act_code, alpha, mask):
-    a = A.Activation(act, act_code, alpha)
-    gz = gy if act_code == A.IDENTITY else gy * A.derivative(saved, a)
-    gx, gw, _ = torch.ops.aten.convolution_backward(gz, x, w, [w.shape[0]], stride, padding, dilation, False, [0, 0],
-                                                    groups, [mask[0], mask[1], False])
-    return (gx if mask[0] else x.new_empty(0), gw if mask[1] else w.new_empty(0),
-            gz.sum((0, 2, 3)) if mask[2] else w.new_empty(0))
-
-
 def decompositions() -> dict:
     """``{op: function}`` decomposing hierfast's custom ops (``hierfast::conv2d_act`` and its
     backward) into core ATen ops, for ``ExportedProgram.run_decompositions``: deployments that
@@ -276,8 +274,8 @@ def decompositions() -> dict:
         table.update(hierfast.functional.decompositions())
         ep = ep.run_decompositions(table)  # aten.convolution + the activation's ATen ops
     """
-    return {torch.ops.hierfast.conv2d_act.default: _decompose_conv2d_act,
-            torch.ops.hierfast.conv2d_act_backward.default: _decompose_conv2d_act_backward}
+    return {torch.ops.hierfast.conv2d_act.default: functools.partial(_op_forward, backend="reference"),
+            torch.ops.hierfast.conv2d_act_backward.default: functools.partial(_op_backward, backend="reference")}
 
 
 def _traced(*tensors) -> bool:

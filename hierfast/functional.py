@@ -288,12 +288,10 @@ def _traced(*tensors) -> bool:
 
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
 _jit_tracing_state = torch._C._get_tracing_state
 
 
-def under_func_transforms(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
+def needs_torch_ops(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
     """Any of x, w, b is a torch.func transform's (vmap, grad, jacrev, jvp, ...) wrapper, or
     forward-mode AD (``torch.autograd.forward_ad.dual_level``), ``torch.jit.trace`` or an ONNX
     export is on: then the layer runs torch's own ops, which these know how to batch,
@@ -357,10 +355,10 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                              f"{x.device}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if under_func_transforms(x, weight, bias):  # torch.func transforms, forward-mode AD
+    if needs_torch_ops(x, weight, bias):  # torch.func, forward-mode AD, jit.trace, ONNX export
         if stats is not None:
             raise ValueError("stats taps cannot be used under torch.func transforms (vmap, grad, ...), "
-                             "forward-mode AD or torch.jit.trace")
+                             "forward-mode AD, torch.jit.trace or ONNX export")
         y = K.eager_forward(x, weight, bias, p, act, None)
     elif _traced(x, weight, bias):
         if stats is not None:

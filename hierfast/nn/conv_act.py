@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._compile import is_compiling
-from ..functional import conv2d_act, under_func_transforms
+from ..functional import conv2d_act, needs_torch_ops
 from ..ops import activations as A
 
 
@@ -57,7 +57,7 @@ class Conv2dAct(nn.Conv2d):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         stats = None
-        if self.track_stats and not is_compiling() and not under_func_transforms(input, self.weight):
+        if self.track_stats and not is_compiling() and not needs_torch_ops(input, self.weight):
             if self._stats is None or self._stats.device != input.device:
                 self._stats = torch.zeros(self.out_channels, 3, dtype=torch.float64, device=input.device)
             stats = self._stats

@@ -211,22 +211,26 @@ Plan plan(int64_t N, int64_t C, int64_t HW, bool nhwc, int64_t wave) {
   return {dim3((unsigned)gx, (unsigned)gy), dim3(tc, tp)};
 }
 
-bool fits_32_bits(int64_t N, int64_t C, int64_t HW) { return N * C * HW <= (int64_t)INT32_MAX; }
+// f(I{}) with I the index type for N x C x HW elements: uint32_t below 2^31 (a 32-bit division
+// for NCHW), else int64_t.
+template <typename F>
+void with_index_type(int64_t N, int64_t C, int64_t HW, F&& f) {
+  if (N * C * HW <= (int64_t)INT32_MAX)
+    f(uint32_t{});
+  else
+    f(int64_t{});
+}
 
 template <typename S>
 std::string fwd(void* z, void* y, int64_t N, int64_t C, int64_t HW, bool nhwc, const void* bias, int code,
                 double alpha, double* stats, cudaStream_t st) {
   if (N * C * HW == 0) return {};
-  if (fits_32_bits(N, C, HW)) {
-    const Plan p = plan(N, C, HW, nhwc, one_wave<fwd_kernel<S, uint32_t>>());
-    fwd_kernel<S, uint32_t><<<p.grid, p.block, 0, st>>>((S*)z, (S*)y, (uint32_t)C, (uint32_t)HW,
-                                                        (uint32_t)(N * HW), nhwc, (const S*)bias, code, alpha,
-                                                        stats);
-  } else {
-    const Plan p = plan(N, C, HW, nhwc, one_wave<fwd_kernel<S, int64_t>>());
-    fwd_kernel<S, int64_t><<<p.grid, p.block, 0, st>>>((S*)z, (S*)y, C, HW, N * HW, nhwc, (const S*)bias, code,
-                                                       alpha, stats);
-  }
+  with_index_type(N, C, HW, [&](auto index) {
+    using I = decltype(index);
+    const Plan p = plan(N, C, HW, nhwc, one_wave<fwd_kernel<S, I>>());
+    fwd_kernel<S, I><<<p.grid, p.block, 0, st>>>((S*)z, (S*)y, (I)C, (I)HW, (I)(N * HW), nhwc, (const S*)bias, code,
+                                                 alpha, stats);
+  });
   return last_error();
 }
 
@@ -234,16 +238,12 @@ template <typename S>
 std::string bwd(const void* g, const void* s, void* gz, int64_t N, int64_t C, int64_t HW, bool nhwc, int code,
                 double alpha, double* gbias, cudaStream_t st) {
   if (N * C * HW == 0) return {};
-  if (fits_32_bits(N, C, HW)) {
-    const Plan p = plan(N, C, HW, nhwc, one_wave<bwd_kernel<S, uint32_t>>());
-    bwd_kernel<S, uint32_t><<<p.grid, p.block, 0, st>>>((const S*)g, (const S*)s, (S*)gz, (uint32_t)C,
-                                                        (uint32_t)HW, (uint32_t)(N * HW), nhwc, code, alpha,
-                                                        gbias);
-  } else {
-    const Plan p = plan(N, C, HW, nhwc, one_wave<bwd_kernel<S, int64_t>>());
-    bwd_kernel<S, int64_t><<<p.grid, p.block, 0, st>>>((const S*)g, (const S*)s, (S*)gz, C, HW, N * HW, nhwc,
-                                                       code, alpha, gbias);
-  }
+  with_index_type(N, C, HW, [&](auto index) {
+    using I = decltype(index);
+    const Plan p = plan(N, C, HW, nhwc, one_wave<bwd_kernel<S, I>>());
+    bwd_kernel<S, I><<<p.grid, p.block, 0, st>>>((const S*)g, (const S*)s, (S*)gz, (I)C, (I)HW, (I)(N * HW), nhwc,
+                                                 code, alpha, gbias);
+  });
   return last_error();
 }
 

@@ -3,7 +3,7 @@
 // gradient, for NCHW and NHWC, with and without bias, in place and not, small and odd shapes,
 // grids of one block to a few per row range (so blocks stride). Built and run by
 // tests/test_cuda_emulation.py; prints "failures: 0" on success.
-#include "cuda_emu.h"
+#include "harness.h"
 #include "hierfast/act.h"
 #include "hierfast/cuda_kernels.h"  // the launchers: csrc/cuda/conv_act.cu, built under the emulation
 
@@ -12,15 +12,6 @@
 #include <random>
 
 using namespace hierfast;
-static int failures = 0;
-#define CHECK(cond, ...)                                  \
-  do {                                                    \
-    if (!(cond) && ++failures <= 20) {                    \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
-      std::printf(__VA_ARGS__);                           \
-      std::printf("\n");                                  \
-    }                                                     \
-  } while (0)
 
 template <typename T>
 bool same(T a, T b) { return a == b || (std::isnan((double)a) && std::isnan((double)b)); }
@@ -97,6 +88,5 @@ int main() {
             if (k % 2) run_case<double>(s[0], s[1], s[2], nhwc, bias, separate, 10 - k % 11, DType::kFloat64);
           }
   }
-  std::printf("failures: %d (blocks run: %ld)\n", failures, emu::blocks_run);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

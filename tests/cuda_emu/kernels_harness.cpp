@@ -3,7 +3,7 @@
 // brute force (the 2-NN screen, which the CPU does not have): random inputs, odd sizes, strided
 // views, float32 and float64. Built and run by tests/test_cuda_emulation.py; prints
 // "failures: 0" on success.
-#include "cuda_emu.h"
+#include "harness.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,15 +17,6 @@
 #include "hierfast/cuda_kernels.h"
 
 using namespace hierfast;
-static int failures = 0;
-#define CHECK(cond, ...)                               \
-  do {                                                 \
-    if (!(cond) && ++failures <= 20) {                 \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                        \
-      std::printf("\n");                               \
-    }                                                  \
-  } while (0)
 static std::mt19937 rng(1234);
 
 template <typename T> DType dtype_of();
@@ -162,6 +153,5 @@ int main() {
   knn2_case<double>(3, 1, false);
   knn2_case<double>(150, 40, false);
   knn2_case<float>(140, 33, true);
-  std::printf("failures: %d (blocks run: %ld)\n", failures, emu::blocks_run);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

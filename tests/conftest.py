@@ -28,6 +28,13 @@ def available_backends(device: str = "cpu") -> list[str]:
     return out
 
 
+def channel_stats(y: torch.Tensor) -> torch.Tensor:
+    """The statistics tap's reference: [sum, sum of squares, count > 0] of y (N x C x H x W) per
+    channel, in float64 (C x 3)."""
+    yd = y.double()
+    return torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+
+
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -8,6 +8,7 @@ from hierfast.functional import conv2d_act
 from hierfast.ops import activations as A
 from hierfast.ops import conv_act as ops
 from hierfast.ops._launch import cpu_kernels
+from conftest import channel_stats
 from test_nn_functional import ACT_IDS, ACTS
 
 # (N, C, H, W, k, stride, padding, dilation): shapes the fused kernel takes
@@ -121,8 +122,7 @@ def test_kernel_matches_float64(shape, act):
     scale = max(1.0, zref.abs().max().item())
     torch.testing.assert_close(z.double(), zref, atol=1e-5 * scale, rtol=0)
     torch.testing.assert_close(y.double(), yref, atol=2e-5 * scale, rtol=0)
-    yd = y.double()
-    sref = 0.5 + torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+    sref = 0.5 + channel_stats(y)
     torch.testing.assert_close(stats, sref, atol=1e-9, rtol=1e-12)
     # without z and statistics the same y
     y2, _ = _kernel(x, w, b, kw, a, keep=False, stats=None)
@@ -162,8 +162,7 @@ def test_statistics_over_many_tasks_with_a_large_offset():
         a = A.resolve(name)
         stats = torch.zeros(64, 3, dtype=torch.float64)
         y, _ = _kernel(x, w, b, kw, a, keep=False, stats=stats)
-        yd = y.double()
-        ref = torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+        ref = channel_stats(y)
         torch.testing.assert_close(stats, ref, atol=0, rtol=1e-12, msg=lambda m: f"{name}: {m}")
 
 

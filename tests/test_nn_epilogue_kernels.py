@@ -13,6 +13,7 @@ from hierfast import _dtypes
 from hierfast.functional import conv2d_act
 from hierfast.ops import activations as A
 from hierfast.ops._launch import cpu_kernels, cuda_kernels, cuda_stream
+from conftest import channel_stats
 
 ACTS = [("identity", {}), ("relu", {}), ("relu6", {}), ("leaky_relu", {"negative_slope": 0.2}),
         ("leaky_relu", {"negative_slope": -0.3}), ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}),
@@ -49,12 +50,6 @@ class Epilogue:
                                    *self._stream(saved))
 
 
-def _channel_stats(y):
-    """[sum, sum of squares, count > 0] per channel of y, in float64 (C x 3)."""
-    yd = y.double()
-    return torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
@@ -83,7 +78,7 @@ def test_epilogue_kernel_writes_every_element(device, dtype, nhwc, with_bias):
                                        msg=lambda m: f"{what} z: {m}")
             torch.testing.assert_close(y.double(), A.apply(zref, act), atol=tol, rtol=tol,
                                        msg=lambda m: f"{what} y: {m}")
-            ref_stats = _channel_stats(y)
+            ref_stats = channel_stats(y)
             torch.testing.assert_close(stats, ref_stats, atol=1e-9 * max(1, ref_stats.abs().max().item()),
                                        rtol=1e-9, msg=lambda m: f"{what} stats: {m}")
             g = torch.randn_like(y)
@@ -119,7 +114,7 @@ def test_epilogue_statistics_over_many_blocks(device, nhwc, in_place):
             run.forward(z, y, b, act, stats, nhwc)
             yref = A.apply(z0.double() + b.double()[:, None, None], act)
             torch.testing.assert_close(y.double(), yref, atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
-            torch.testing.assert_close(stats, 0.25 + _channel_stats(y), atol=0, rtol=1e-12,
+            torch.testing.assert_close(stats, 0.25 + channel_stats(y), atol=0, rtol=1e-12,
                                        msg=lambda m: f"{name}: {m}")
 
 
@@ -289,7 +284,7 @@ def test_gpu_statistics_tap(backend, channels_last):
         stats = torch.zeros(w.shape[0], 3, dtype=torch.float64, device="cuda")
         for _ in range(2):
             y = conv2d_act(x, w, b, activation="gelu", stats=stats, backend=backend, **kw)
-        ref = 2 * _channel_stats(y)
+        ref = 2 * channel_stats(y)
         torch.testing.assert_close(stats, ref, atol=1e-8 * max(1, ref.abs().max().item()), rtol=1e-9)
 
 
@@ -355,4 +350,4 @@ def test_deterministic_algorithms_reproduce_every_bit(device):
         torch.use_deterministic_algorithms(prev)
     for a, r in zip(*runs):
         assert torch.equal(a, r)
-    torch.testing.assert_close(runs[0][1], _channel_stats(runs[0][0]), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(runs[0][1], channel_stats(runs[0][0]), atol=1e-9, rtol=1e-9)

@@ -9,7 +9,7 @@ from hierfast.functional import conv2d_act
 from hierfast.ops import activations as A
 from hierfast.ops import conv_act as K
 from hierfast.ops._launch import cpu_kernels
-from conftest import available_backends
+from conftest import available_backends, channel_stats
 
 ACTS = [("identity", {}), ("relu", {}), ("relu6", {}), ("leaky_relu", {"negative_slope": 0.2}),
         ("leaky_relu", {"negative_slope": -0.3}), ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}),
@@ -420,8 +420,7 @@ def test_read_only_statistics_kernel(dtype, nhwc):
     stats = torch.full((c, 3), 0.25, dtype=torch.float64)
     cpu_kernels().conv_act_stats(y.data_ptr(), _dtypes.code(dtype), n, c, h * w, nhwc, stats.data_ptr())
     assert torch.equal(y, before)
-    yd = y.double()
-    ref = 0.25 + torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+    ref = 0.25 + channel_stats(y)
     torch.testing.assert_close(stats, ref, atol=0, rtol=1e-12)
 
 
@@ -430,8 +429,7 @@ def test_stats_tap_matches_reference():
     stats = torch.zeros(w.shape[0], 3, dtype=torch.float64)
     for _ in range(2):
         y = conv2d_act(x, w, b, activation="gelu", stats=stats, **kw)
-    yd = y.double()
-    ref = 2 * torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+    ref = 2 * channel_stats(y)
     torch.testing.assert_close(stats, ref, atol=1e-8, rtol=1e-9)
 
 

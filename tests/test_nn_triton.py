@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hierfast.backends import backend_status
 from hierfast.functional import conv2d_act
 from hierfast.ops import activations as A
+from conftest import channel_stats
 
 pytestmark = pytest.mark.skipif(not backend_status("triton")["available"],
                                 reason="triton backend unavailable: " + str(backend_status("triton")["reason"]))
@@ -143,6 +144,5 @@ def test_statistics_tap_in_the_kernel(shape, channels_last):
                 y = conv2d_act(x, wt, b, s, p, d, g, activation=name, backend="triton", stats=stats)
             finally:
                 torch.use_deterministic_algorithms(prev)
-            yd = y.double()
-            ref = 0.5 + torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+            ref = 0.5 + channel_stats(y)
             torch.testing.assert_close(stats, ref, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")

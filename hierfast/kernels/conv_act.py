@@ -195,11 +195,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _autotune() -> bool:
-    """Autotune the tiles (GPU only). ``HIERFAST_TRITON_AUTOTUNE=0`` takes one fixed tile instead:
-    autotuning compiles and times every config once per new shape (seconds each), which the
-    correctness tests' hundreds of shapes cannot afford (tests/conftest.py sets it)."""
-    return os.environ.get("HIERFAST_TRITON_AUTOTUNE", "1") not in ("", "0")
+def _tiles(x: torch.Tensor) -> str:
+    """How the kernels get their tiles: ``"small"`` (the interpreter, CPU tensors: 16-wide tiles),
+    ``"fixed"`` (one tile; ``HIERFAST_TRITON_AUTOTUNE=0``: autotuning compiles and times every
+    config once per new shape, seconds each, which the correctness tests' hundreds of shapes cannot
+    afford; tests/conftest.py sets it) or ``"tuned"`` (autotuned, on a GPU)."""
+    if _interpreting() or x.device.type != "cuda":
+        return "small"
+    return "tuned" if os.environ.get("HIERFAST_TRITON_AUTOTUNE", "1") not in ("", "0") else "fixed"
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -246,9 +249,9 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
     # torch's convolution's output layout (a drop-in: a following view() must work as it did)
     y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, w))
     z = torch.empty_like(y) if keep_z else None
-    tuning = x.device.type == "cuda" and not _interpreting() and _autotune()
+    tiles = _tiles(x)
     later_tap = None
-    if stats is not None and tuning and not _TUNING_RESTORES:  # trials would add to stats many times
+    if stats is not None and tiles == "tuned" and not _TUNING_RESTORES:  # trials would add to it many times
         stats, later_tap = None, stats
     bias = b.contiguous() if b is not None else w  # w: a placeholder pointer (as for z, stats), never read
     wide = max(_span(x), _span(w), _span(y)) >= _WIDE_AT
@@ -261,9 +264,9 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
         args = (x, w, bias, *outs, p, cout, h, wd, oh, ow, *common, w.stride(0), w.stride(2), w.stride(3),
                 *y.stride(), *conv)
         meta = dict(KH=kh, KW=kw, HAS_BIAS=b is not None, CODE=code, **flags)
-        if _interpreting() or x.device.type != "cuda":
+        if tiles == "small":
             _depthwise_kernel[(triton.cdiv(p, 16), triton.cdiv(cout, 16))](*args, **meta, BLOCK_P=16, BLOCK_C=16)
-        elif not _autotune():
+        elif tiles == "fixed":
             _depthwise_kernel[(triton.cdiv(p, 64), triton.cdiv(cout, 32))](*args, **meta, BLOCK_P=64, BLOCK_C=32,
                                                                         num_warps=4)
         else:
@@ -279,10 +282,10 @@ def conv2d_act_triton(x, w, b, stride, padding, dilation, groups: int, code: int
     args = (x, w, bias, *outs, m, cout_g, k, cin_g, h, wd, oh, ow, *common, *w.stride(), *y.stride(), *conv)
     meta = dict(KW=kw, HAS_BIAS=b is not None, CODE=code, UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
                 PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda else "ieee", **flags)
-    if _interpreting() or x.device.type != "cuda":
+    if tiles == "small":
         grid = (triton.cdiv(m, 16), triton.cdiv(cout_g, 16), groups)
         _igemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-    elif not _autotune():
+    elif tiles == "fixed":
         grid = (triton.cdiv(m, 64), triton.cdiv(cout_g, 64), groups)
         _igemm_kernel[grid](*args, **meta, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     else:

@@ -28,6 +28,29 @@ def available_backends(device: str = "cpu") -> list[str]:
     return out
 
 
+# Every activation of the fused conv layers, with each keyword variant (leaky slopes of both signs).
+ACTS = [("identity", {}), ("relu", {}), ("relu6", {}), ("leaky_relu", {"negative_slope": 0.2}),
+        ("leaky_relu", {"negative_slope": -0.3}), ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}),
+        ("hardswish", {}), ("sigmoid", {}), ("tanh", {}), ("mish", {})]
+ACT_IDS = [n + ("_" + "_".join(map(str, kw.values())) if kw else "") for n, kw in ACTS]
+
+
+def conv_data(shape, dtype=torch.float32, channels_last=False, bias=True, device="cpu"):
+    """``(x, w, b, kw)`` of a random conv layer: ``shape`` = (N, C_in, H, W, C_out, k, stride,
+    padding, dilation, groups) (k an int or a pair), x ~ 2 N(0, 1), w scaled to unit-variance
+    outputs, ``kw`` the conv arguments; drawn in float64 on the CPU, then cast and moved."""
+    n, cin, h, w, cout, k, s, p, d, g = shape
+    k = k if isinstance(k, tuple) else (k, k)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64) * 2
+    wt = torch.randn(cout, cin // g, *k, dtype=torch.float64) / (cin // g * k[0] * k[1]) ** 0.5
+    b = torch.randn(cout, dtype=torch.float64) if bias else None
+    x, wt = x.to(device, dtype), wt.to(device, dtype)
+    b = b.to(device, dtype) if b is not None else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, wt, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
 def channel_stats(y: torch.Tensor) -> torch.Tensor:
     """The statistics tap's reference: [sum, sum of squares, count > 0] of y (N x C x H x W) per
     channel, in float64 (C x 3)."""

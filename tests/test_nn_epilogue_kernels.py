@@ -13,12 +13,8 @@ from hierfast import _dtypes
 from hierfast.functional import conv2d_act
 from hierfast.ops import activations as A
 from hierfast.ops._launch import cpu_kernels, cuda_kernels, cuda_stream
-from conftest import channel_stats
+from conftest import ACT_IDS, ACTS, channel_stats, conv_data
 
-ACTS = [("identity", {}), ("relu", {}), ("relu6", {}), ("leaky_relu", {"negative_slope": 0.2}),
-        ("leaky_relu", {"negative_slope": -0.3}), ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}),
-        ("hardswish", {}), ("sigmoid", {}), ("tanh", {}), ("mish", {})]
-ACT_IDS = [n + ("_" + "_".join(map(str, kw.values())) if kw else "") for n, kw in ACTS]
 NO_GPU = not torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(NO_GPU, reason="no CUDA device"))]
 # (N, C, H, W): few channels (NHWC lanes > C), a channel tail past one 32-lane tile, many rows
@@ -215,14 +211,7 @@ GPU_SHAPES = [
 
 
 def _gpu_data(shape, dtype, channels_last):
-    n, cin, h, w, cout, k, s, p, d, g = shape
-    x = torch.randn(n, cin, h, w, dtype=torch.float64, device="cuda") * 2
-    wt = torch.randn(cout, cin // g, k, k, dtype=torch.float64, device="cuda") / (cin // g * k * k) ** 0.5
-    b = torch.randn(cout, dtype=torch.float64, device="cuda")
-    x, wt, b = x.to(dtype), wt.to(dtype), b.to(dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    return x, wt, b, dict(stride=s, padding=p, dilation=d, groups=g)
+    return conv_data(shape, dtype, channels_last, device="cuda")
 
 
 def _grads(fn, tensors, g):

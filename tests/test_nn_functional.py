@@ -9,12 +9,9 @@ from hierfast.functional import conv2d_act
 from hierfast.ops import activations as A
 from hierfast.ops import conv_act as K
 from hierfast.ops._launch import cpu_kernels
-from conftest import available_backends, channel_stats
+from conftest import ACT_IDS, ACTS, available_backends, channel_stats
+from conftest import conv_data as _data
 
-ACTS = [("identity", {}), ("relu", {}), ("relu6", {}), ("leaky_relu", {"negative_slope": 0.2}),
-        ("leaky_relu", {"negative_slope": -0.3}), ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}),
-        ("hardswish", {}), ("sigmoid", {}), ("tanh", {}), ("mish", {})]
-ACT_IDS = [n + ("_" + "_".join(map(str, kw.values())) if kw else "") for n, kw in ACTS]
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
 SHAPES = [
     (2, 3, 13, 11, 8, 7, 2, 3, 1, 1),     # stem-like 7x7/2, odd sizes
@@ -40,19 +37,6 @@ def _force_cpu_path(monkeypatch, path):
     limit = 0 if path == "onednn" else 1 << 62
     for name in ("_ONEDNN_MIN_OUTPUT", "_ONEDNN_MIN_MACS_KEPT", "_ONEDNN_MIN_MACS_REORDERED"):
         monkeypatch.setattr(K, name, limit)
-
-
-def _data(shape, dtype=torch.float32, channels_last=False, bias=True):
-    n, cin, h, w, cout, k, s, p, d, g = shape
-    k = k if isinstance(k, tuple) else (k, k)
-    x = torch.randn(n, cin, h, w, dtype=torch.float64) * 2
-    wt = torch.randn(cout, cin // g, *k, dtype=torch.float64) / (cin // g * k[0] * k[1]) ** 0.5
-    b = torch.randn(cout, dtype=torch.float64) if bias else None
-    x, wt = x.to(dtype), wt.to(dtype)
-    b = b.to(dtype) if b is not None else None
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    return x, wt, b, dict(stride=s, padding=p, dilation=d, groups=g)
 
 
 def _ref(x, w, b, kw, name, akw):

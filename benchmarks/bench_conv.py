@@ -275,6 +275,13 @@ def _compiled_step(compiled, eager, x, gy):
     return run
 
 
+def _deviation_line(hf_rows) -> list[str]:
+    """The largest relative deviation from float64 of hierfast's rows, as a summary line (none
+    when no row has one)."""
+    devs = [r["max_dev"] for r in hf_rows if math.isfinite(r["max_dev"])]
+    return [f"hierfast max relative deviation from float64: {max(devs):.1e}"] if devs else []
+
+
 def summary(rows) -> list[str]:
     """Target checks (CPU: >= 1.0x eager on every layer, >= 1.3x on stem and depthwise; GPU: see
     :func:`gpu_summary`)."""
@@ -310,9 +317,7 @@ def summary(rows) -> list[str]:
             wins = sum(h["time_s"] <= comp[h["workload"]]["time_s"] for h in hf if h["workload"] in comp)
             mode = "default" if prov == "torch.compile" else "max-autotune"
             out.append(f"hierfast faster than torch.compile ({mode}) on {wins}/{len(comp)} rows")
-    devs = [r["max_dev"] for r in hf if math.isfinite(r["max_dev"])]
-    if devs:
-        out.append(f"hierfast max relative deviation from float64: {max(devs):.1e}")
+    out += _deviation_line(hf)
     return out
 
 
@@ -360,7 +365,5 @@ def gpu_summary(rows, device_name: str | None = None) -> list[str]:
             what = r["provider"].split("=", 1)[1] if "=" in r["provider"] else r["provider"]
             out.append(f"backend choice: {r['workload']}: {what} "
                        f"{auto['time_s'] / r['time_s']:.2f}x the automatic choice's speed")
-    devs = [r["max_dev"] for r in hf.values() if math.isfinite(r["max_dev"])]
-    if devs:
-        out.append(f"hierfast max relative deviation from float64: {max(devs):.1e}")
+    out += _deviation_line(hf.values())
     return out

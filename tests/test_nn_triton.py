@@ -108,6 +108,18 @@ def test_autotuned_tiles(monkeypatch):
         torch.testing.assert_close(stats[:, 2], (y > 0).sum((0, 2, 3)).double(), atol=0, rtol=0)
 
 
+def test_autotune_keys_name_kernel_arguments():
+    """Every name in the autotuning keys is an argument of its kernel (Triton skips a key it cannot
+    find, which would make layers that differ there share one tuned tile), and the keys separate
+    what changes the access pattern at one GEMM size: filter width, stride, layout."""
+    from hierfast.kernels import conv_act as kernels
+
+    for tuned, kernel, must in ((kernels._igemm_tuned, kernels._igemm_kernel, {"M", "K", "KW", "stride_w", "sxc"}),
+                                (kernels._depthwise_tuned, kernels._depthwise_kernel, {"P", "C", "KH", "KW", "sxc"})):
+        assert set(tuned.keys) <= set(kernel.arg_names), set(tuned.keys) - set(kernel.arg_names)
+        assert must <= set(tuned.keys)
+
+
 def test_output_layout_follows_torch_for_ambiguous_strides():
     """Size-1 dimensions make strides fit both layouts; the output takes torch's choice: a 1x1
     weight permuted from O x H x W x I (strides C, 1, C, C) is channels_last to torch, one of

@@ -133,7 +133,10 @@ def _autotuned(kernel, configs, key):
 
 
 _TUNING_RESTORES = "restore_value" in inspect.signature(triton.autotune).parameters
-_igemm_tuned = _autotuned(_igemm_kernel, _IGEMM_CONFIGS, ["M", "C_out_g", "K"])
+# The tuning key: the GEMM's size and what changes its memory access for the same size, the
+# filter width (K = C_in_g x KH x KW mixes a 1x1 over many channels with a 3x3 over few), the
+# stride and the input's channel stride (1: channels_last; else NCHW, where it is H x W).
+_igemm_tuned = _autotuned(_igemm_kernel, _IGEMM_CONFIGS, ["M", "C_out_g", "K", "KW", "stride_w", "sxc"])
 
 
 @triton.jit
@@ -188,7 +191,7 @@ _DEPTHWISE_CONFIGS = [
     triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
     for bp, bc, w in [(64, 32, 4), (128, 32, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8), (256, 16, 4)]
 ]
-_depthwise_tuned = _autotuned(_depthwise_kernel, _DEPTHWISE_CONFIGS, ["P", "C", "OW"])
+_depthwise_tuned = _autotuned(_depthwise_kernel, _DEPTHWISE_CONFIGS, ["P", "C", "OW", "KH", "KW", "stride_w", "sxc"])
 
 
 def _interpreting() -> bool:

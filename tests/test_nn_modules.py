@@ -361,3 +361,27 @@ def test_onnx_export_runs_in_onnxruntime(dynamo):
     sess = ort.InferenceSession(f.getvalue())
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_paused_stats_counts_nothing_inside_and_restores_flags():
+    from hierfast.nn import paused_stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dAct(3, 4, 3, track_stats=True), Conv2dAct(4, 5, 3, activation="gelu"))
+    seen, hidden = torch.randn(2, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    model(seen)
+    with paused_stats(model):
+        assert [m.track_stats for m in model] == [False, False]
+        model(hidden)
+    with pytest.raises(RuntimeError, match="inside"), paused_stats(model):
+        model(hidden)
+        raise RuntimeError("inside")
+    assert [m.track_stats for m in model] == [True, False]  # as before, also after the exception
+    y = F.relu(F.conv2d(seen, model[0].weight, model[0].bias)).double().transpose(0, 1).flatten(1)
+    s = model[0].stats()
+    assert s["count"] == y.shape[1] and model[1].stats() is None
+    torch.testing.assert_close(s["mean"], y.mean(1), atol=1e-6, rtol=1e-5)
+    model(hidden)  # tracking resumes after the block
+    assert model[0].stats()["count"] == y.shape[1] * 5 // 2
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"), paused_stats([model]):
+        pass

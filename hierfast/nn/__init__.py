@@ -6,6 +6,6 @@
 """
 from .conv_act import Conv2dAct
 from .fuse import fuse
-from .stats import layer_stats, reset_stats, track_stats
+from .stats import layer_stats, paused_stats, reset_stats, track_stats
 
-__all__ = ["Conv2dAct", "fuse", "track_stats", "layer_stats", "reset_stats"]
+__all__ = ["Conv2dAct", "fuse", "track_stats", "layer_stats", "reset_stats", "paused_stats"]

@@ -72,6 +72,26 @@ def test_training_flag_restored_and_model_unchanged():
     assert not net._forward_hooks and not net.conv1._forward_hooks
 
 
+@pytest.mark.parametrize("top,sub", [(True, False), (False, True)])
+def test_mixed_submodule_flags_restored_also_on_errors(top, sub):
+    """A frozen BatchNorm in a training model, MC-dropout in an eval one: each module's own
+    flag comes back, for model and compare_to, after a run and after a failing run."""
+    def make():
+        m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+        m.train(top)
+        m[1].train(sub)
+        m[2].train(sub)
+        return m
+
+    a, b = make(), make()
+    expected = [top, top, sub, sub, top]  # Sequential, Linear, BatchNorm1d, Dropout, Linear
+    analyze(a, [torch.randn(8, 4)] * 2, compare_to=b, progress=False)
+    assert [m.training for m in a.modules()] == expected and [m.training for m in b.modules()] == expected
+    with pytest.raises(RuntimeError):
+        analyze(a, [torch.randn(8, 5)], compare_to=b, progress=False)  # wrong input width: the forward fails
+    assert [m.training for m in a.modules()] == expected and [m.training for m in b.modules()] == expected
+
+
 class RNNStack(nn.Module):
     """LSTM (time-major, batch_first=False) -> GRU (batch_first) -> linear head on the last step."""
 

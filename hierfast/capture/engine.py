@@ -73,8 +73,8 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
     """Measure per-layer statistics of ``model`` over ``data`` in one streaming pass.
 
     Args:
-        model: any ``nn.Module``; run in eval mode under ``torch.inference_mode()`` (its
-            ``training`` flags are restored afterwards).
+        model: any ``nn.Module``; run in eval mode under ``torch.inference_mode()`` (the
+            ``training`` flag of every submodule is restored afterwards, also on errors).
         data: an iterable of batches — tensors, ``(x, y)`` tuples, dicts of tensors (Hugging
             Face tokenizer output), a ``DataLoader`` (see ``hierfast.capture._data``).
             Resuming from a checkpoint needs the same batches in the same order.
@@ -170,7 +170,7 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
         _checkpoint.save(ckpt_path, {"next_batch": run.next_batch, "stat_names": [n for n, _ in specs],
                                      "states": {k: s.state_dict() for k, s in objs.items()}, **run.meta()})
 
-    flags = [(m, m.training) for m in (model, compare_to) if m is not None]
+    flags = _save_modes(model, compare_to)
     total = _length(data)
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
@@ -179,8 +179,9 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
     consistent = True
     labels = None
     try:
-        for m, _ in flags:
-            m.eval()
+        for m in (model, compare_to):
+            if m is not None:
+                m.eval()
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
             stack.enter_context(cap_a)
@@ -250,8 +251,7 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
         raise
     finally:
         bar.close()
-        for m, was in flags:
-            m.train(was)
+        _restore_modes(flags)
     if run.n_skipped:
         warnings.warn(f"analyze skipped {run.n_skipped} batch(es) with NaN/inf activations (on_nonfinite='skip')",
                       RuntimeWarning, stacklevel=2)
@@ -260,6 +260,18 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                    n_samples=run.n_samples, n_batches=run.n_batches, n_skipped=run.n_skipped, values=values,
                    config={"reduce": reduce if isinstance(reduce, str) else repr(reduce),
                            "stats": [n for n, _ in specs], "world_size": dist.get_world_size(group) if dist else 1})
+
+
+def _save_modes(*models) -> list[tuple[nn.Module, bool]]:
+    """The ``training`` flag of every module of the models: submodules may differ from their
+    parent (a frozen BatchNorm in a training model, MC-dropout in an eval one)."""
+    return [(m, m.training) for model in models if model is not None for m in model.modules()]
+
+
+def _restore_modes(flags) -> None:
+    # set each flag alone: ``train(was)`` would also overwrite the children's own flags
+    for m, was in flags:
+        m.training = was
 
 
 def _agree(dist, group, has_data: bool, layout, rank) -> None:

@@ -348,6 +348,31 @@ def test_selection_kinds_and_unknown_names():
         analyze(net, _batches(1, 8, 3, 8, 8), layers=["conv1"], compare_to=RNNStack(), progress=False)
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"model": [1, 2]}, TypeError, "model must be a torch.nn.Module, got list"),
+    ({"model": None}, TypeError, "model must be a torch.nn.Module"),
+    ({"data": None}, TypeError, "data must be an iterable of batches.*NoneType"),
+    ({"data": 5}, TypeError, "data must be an iterable of batches.*int"),
+    ({"stats": None}, TypeError, "stats must be a statistic name"),
+    ({"stats": ("cka", 3)}, TypeError, "stats entries must be statistic names"),
+    ({"stats": {"cka": {"debiased": False}}}, TypeError, r"stats\['cka'\] options \['debiased'\]"),
+    ({"max_batches": True}, ValueError, "max_batches must be a positive int or None, got True"),
+    ({"max_batches": 0}, ValueError, "max_batches must be a positive int"),
+    ({"checkpoint_every": False}, ValueError, "checkpoint_every must be a positive int"),
+    ({"device": "nonsense"}, ValueError, "device='nonsense' is not a torch device"),
+])
+def test_bad_arguments_are_named_up_front(kwargs, exc, match):
+    calls = []
+    net = InplaceCNN()
+    net.register_forward_pre_hook(lambda m, a: calls.append(1))
+    args = {"model": net, "data": _batches(1, 8, 3, 8, 8)} | kwargs
+    model, data = args.pop("model"), args.pop("data")
+    with pytest.raises(exc, match=match):
+        analyze(model, data, progress=False, **args)
+    if "stats" not in kwargs or not isinstance(kwargs["stats"], dict):
+        assert not calls  # rejected before any forward
+
+
 def test_bad_data():
     net = InplaceCNN()
     with pytest.raises(ValueError, match="no batches"):

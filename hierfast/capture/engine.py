@@ -24,9 +24,50 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_models(model, compare_to) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if compare_to is not None and not isinstance(compare_to, nn.Module):
+        raise TypeError(f"compare_to must be an nn.Module or None, got {type(compare_to).__name__}")
+
+
+def _check_data(data) -> None:
+    if isinstance(data, (torch.Tensor, Mapping)):
+        raise TypeError("data must be an iterable of batches (a list of tensors, a DataLoader, ...), not a single "
+                        f"{type(data).__name__}; wrap one batch as [batch]")
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be an iterable of batches (a list of tensors, a DataLoader, ...), got "
+                        f"{type(data).__name__}")
+
+
+def _check_count(v, name: str, *, none_ok: bool = False) -> None:
+    """A positive int (bool is an int to Python, but True is no count)."""
+    if v is None and none_ok:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {v!r}")
+
+
+def _check_device(device) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e}); pass e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available here; pass device='cpu' (or None)")
+    return dev
+
+
 def _resolve_stats(stats) -> list[tuple[str, dict]]:
     if isinstance(stats, str):
         stats = (stats,)
+    if not isinstance(stats, (Mapping, list, tuple)):
+        raise TypeError(f"stats must be a statistic name, a list/tuple of names or a dict {{name: options}}, got "
+                        f"{type(stats).__name__}; e.g. stats=('cka',)")
+    if not isinstance(stats, Mapping) and not all(isinstance(s, str) for s in stats):
+        raise TypeError(f"stats entries must be statistic names (str), got {list(stats)!r}")
     items = list(stats.items()) if isinstance(stats, Mapping) else [(s, {}) for s in stats]
     if not items:
         raise ValueError("stats is empty; pass at least one statistic name, e.g. stats=('cka',)")
@@ -39,6 +80,19 @@ def _resolve_stats(stats) -> list[tuple[str, dict]]:
     if len({n for n, _ in out}) != len(out):
         raise ValueError(f"stats lists a statistic twice: {[n for n, _ in out]}")
     return out
+
+
+def _make_stats(specs, layers_a, layers_b) -> dict:
+    """One statistic object per spec; an unknown option names the statistic it was given to."""
+    objs = {}
+    for name, opts in specs:
+        try:
+            objs[name] = get_statistic(name)(layers_a, layers_b, **opts)
+        except TypeError as e:
+            if "argument" not in str(e):  # not a call-signature problem: keep the original error
+                raise
+            raise TypeError(f"stats[{name!r}] options {sorted(opts)}: {e}") from None
+    return objs
 
 
 def _dist():
@@ -121,16 +175,12 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
     """
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
-    if isinstance(data, (torch.Tensor, Mapping)):
-        raise TypeError("data must be an iterable of batches (a list of tensors, a DataLoader, ...), not a single "
-                        f"{type(data).__name__}; wrap one batch as [batch]")
-    if compare_to is not None and not isinstance(compare_to, nn.Module):
-        raise TypeError(f"compare_to must be an nn.Module or None, got {type(compare_to).__name__}")
+    _check_models(model, compare_to)
+    _check_data(data)
+    _check_count(max_batches, "max_batches", none_ok=True)
+    _check_count(checkpoint_every, "checkpoint_every")
     specs = _resolve_stats(stats)
+    device = _check_device(device)
     if device is not None:
         model.to(device)
         if compare_to is not None:
@@ -161,10 +211,9 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
         start = state["next_batch"]
         run.restore(state)
         run.ckpt = ckpt_path
-        objs = {}
-        for name, opts in specs:
-            objs[name] = get_statistic(name)(run.layers_a, run.layers_b, **opts)
-            objs[name].load_state_dict(state["states"][name])
+        objs = _make_stats(specs, run.layers_a, run.layers_b)
+        for name, s in objs.items():
+            s.load_state_dict(state["states"][name])
 
     def save_ckpt():
         _checkpoint.save(ckpt_path, {"next_batch": run.next_batch, "stat_names": [n for n, _ in specs],
@@ -215,7 +264,7 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                     bar.update(1)
                     continue
                 if objs is None:
-                    objs = {name: get_statistic(name)(run.layers_a, run.layers_b, **opts) for name, opts in specs}
+                    objs = _make_stats(specs, run.layers_a, run.layers_b)
                 labels = to_device(b.labels, dev_a) if isinstance(b.labels, torch.Tensor) else b.labels
                 # samples = rows of the features (right for time-major models too), or the
                 # inputs' N when tokens are the rows

@@ -19,7 +19,10 @@ from .backends import forced_backend
 from .ops import activations as A
 from .ops import conv_act as K
 
-__all__ = ["conv2d_act", "decompositions"]
+__all__ = ["conv2d_act", "decompositions", "frozen_weights"]
+
+# opt-in reuse of oneDNN's blocked weights in CPU inference (see its docstring)
+frozen_weights = K.frozen_weights
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -334,7 +337,9 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     convolution or torch's convolution + one C++ pass, fused depthwise kernels, CUDA epilogue);
     training a CPU layer too small for fusion to pay (fewer outputs than ~1 M, or 100 K for the
     smooth activations; ``ops.conv_act.eager_training_pays``) runs torch's own convolution and
-    activation, measured faster there. ``backend=`` always takes the fused op.
+    activation, measured faster there. ``backend=`` always takes the fused op. CPU inference
+    reorders the weight for oneDNN on every call; inside :func:`frozen_weights` (opt-in) it keeps
+    the reordered copy, for weights that change only in ways autograd's version counter records.
     """
     act = A.resolve(activation, **act_kwargs)
     if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):

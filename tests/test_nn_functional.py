@@ -506,46 +506,71 @@ def test_cuda_kernels_are_compiled_when_built():
     assert hasattr(mod, "conv_act_forward") and hasattr(mod, "conv_act_backward")
 
 
+def _check_relu_layer(m, x):
+    with torch.no_grad():
+        y = m(x)
+        ref = F.relu(F.conv2d(x.double(), m.weight.double(), m.bias.double(), padding=1))
+    torch.testing.assert_close(y.double(), ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=0)
+
+
+def test_inference_sees_weight_writes_that_bypass_the_version_counter():
+    """By default nothing of a weight is kept between calls: writes through ``.data`` or numpy
+    (which autograd's version counter does not record: nn.init on ``.data``, a momentum
+    encoder's update) show in the next call, as with nn.Conv2d."""
+    from hierfast.nn import Conv2dAct
+
+    torch.manual_seed(0)
+    m = Conv2dAct(8, 32, 3, padding=1).eval()
+    x = torch.randn(1, 8, 64, 64).contiguous(memory_format=torch.channels_last)
+    _check_relu_layer(m, x)  # large enough for oneDNN's path
+    with torch.no_grad():
+        m.weight.data.mul_(2)
+    _check_relu_layer(m, x)
+    m.weight.data.numpy()[:] *= -0.5
+    _check_relu_layer(m, x)
+    torch.nn.init.normal_(m.weight.data)
+    _check_relu_layer(m, x)
+    assert m.weight not in K._PACKED_WEIGHTS
+
+
 def test_onednn_weight_reuse_follows_every_change():
-    """Inference reuses oneDNN's blocked copy of the weight; every change of the weight, the
-    batch size or the mode must still give F.conv2d's answer, and nothing may stick to the
-    module (torch.save) or keep the weight alive."""
+    """Inside frozen_weights(), inference reuses oneDNN's blocked copy of the weight; every
+    change of the weight that autograd records, the batch size or the mode must still give
+    F.conv2d's answer, nothing may stick to the module (torch.save) or keep the weight alive,
+    and the copies go when the block ends."""
     import gc
     import io
 
+    from hierfast.functional import frozen_weights
     from hierfast.nn import Conv2dAct
-
-    def check(m, x):
-        with torch.no_grad():
-            y = m(x)
-            ref = F.relu(F.conv2d(x, m.weight, m.bias, padding=1))
-        torch.testing.assert_close(y, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=0)
 
     torch.manual_seed(0)
     m = Conv2dAct(32, 32, 3, padding=1, activation="relu").to(memory_format=torch.channels_last)
     x = torch.randn(4, 32, 16, 16).to(memory_format=torch.channels_last)
-    check(m, x)
-    assert m.weight in K._PACKED_WEIGHTS  # the reuse path was taken
-    with torch.no_grad():
-        m.weight.mul_(-2.0)  # in place
-    check(m, x)
-    m.weight.data = torch.randn_like(m.weight)  # new storage
-    check(m, x)
-    opt = torch.optim.SGD(m.parameters(), lr=0.5)
-    m(x).square().sum().backward()
-    opt.step()
-    check(m, x)
-    check(m, torch.randn(7, 32, 16, 16).to(memory_format=torch.channels_last))  # another batch size
-    with torch.inference_mode():
-        y = m(x)
-    torch.testing.assert_close(y, F.relu(F.conv2d(x, m.weight.detach(), m.bias.detach(), padding=1)),
-                               atol=1e-4, rtol=1e-5)
-    buf = io.BytesIO()
-    torch.save(m, buf)  # no oneDNN tensor attached to the parameters
-    n = len(K._PACKED_WEIGHTS)
-    del m, opt
-    gc.collect()
-    assert len(K._PACKED_WEIGHTS) == n - 1
+    with frozen_weights():
+        with frozen_weights():  # nested: the outer block keeps the copies
+            _check_relu_layer(m, x)
+        assert m.weight in K._PACKED_WEIGHTS  # the reuse path was taken
+        with torch.no_grad():
+            m.weight.mul_(-2.0)  # in place
+        _check_relu_layer(m, x)
+        m.weight.data = torch.randn_like(m.weight)  # new storage
+        _check_relu_layer(m, x)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        m(x).square().sum().backward()
+        opt.step()
+        _check_relu_layer(m, x)
+        _check_relu_layer(m, torch.randn(7, 32, 16, 16).to(memory_format=torch.channels_last))  # another batch
+        with torch.inference_mode():
+            y = m(x)
+        torch.testing.assert_close(y, F.relu(F.conv2d(x, m.weight.detach(), m.bias.detach(), padding=1)),
+                                   atol=1e-4, rtol=1e-5)
+        torch.save(m, io.BytesIO())  # no oneDNN tensor attached to the parameters
+        n = len(K._PACKED_WEIGHTS)
+        del m, opt
+        gc.collect()
+        assert len(K._PACKED_WEIGHTS) == n - 1
+    assert len(K._PACKED_WEIGHTS) == 0  # dropped with the block
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "identity"])

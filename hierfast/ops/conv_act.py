@@ -4,7 +4,8 @@ Definition (``reference``): ``y = act(conv2d(x, w) + b)`` with symmetric explici
 padding (the functional layer turns "same"/asymmetric padding into ``F.pad``).
 
 * ``cpu``: inference in float32/bfloat16 on layers large enough (:func:`_onednn_pays`): oneDNN's
-  fused post-op convolution (``torch.ops.mkldnn._convolution_pointwise``, see :func:`_onednn_ok`).
+  fused post-op convolution (``torch.ops.mkldnn._convolution_pointwise``, see :func:`_onednn_ok`),
+  reordering the weight on every call unless inside :func:`frozen_weights` (opt-in reuse).
   Training and the rest: torch's convolution without bias, then ONE C++/OpenMP pass adding the
   bias and applying the activation in place (``hierfast._C.conv_act_forward``; y and the saved
   pre-activation of a smooth activation in one pass; the identity activation needs no pass).
@@ -28,6 +29,8 @@ fused pass (``hierfast._C.dw_conv_act_backward``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import torch
@@ -98,8 +101,8 @@ def _stats_reference(y, stats):
 # _fwd_cpu). Its call costs ~24 us however small the layer (torch's conv + epilogue: ~7 us), but
 # past a size torch's own convolution is the slower one (N = 1 3x3 256 @7: 464 against 268 us).
 # oneDNN where the output has >= 20 K elements or the convolution >= 2 M multiply-adds with the
-# blocked weight kept (channels_last input), >= 5 M when oneDNN reorders the weight on every call
-# (NCHW input):
+# blocked weight kept (channels_last input inside frozen_weights), >= 5 M when oneDNN reorders the
+# weight on every call (the default, and NCHW input):
 # * kept weight: epilogue / oneDNN time 0.2-0.7 below both limits (3x3 32 @8 15 vs 26 us, 1x1 64 @16
 #   21-26 vs 28-30 us), 0.9-2.8 above (3x3 64 @14 52 vs 96 us); nearest misses 3x3 64 @8 (2.4 M)
 #   0.92-1.03, 3x3 16 @28 (1.8 M) 1.22-1.30.
@@ -134,19 +137,47 @@ def _onednn(x, w, b, p, act, *, reuse_weight=False):
 
 
 # weight tensor -> (key, oneDNN-blocked copy); weak and by identity: a copy lives as long as its
-# weight, and nothing is attached to the tensor (a packed tensor in its __dict__ made torch.save
-# of the module fail: oneDNN tensors have no storage)
+# weight (or the frozen_weights block), and nothing is attached to the tensor (a packed tensor in
+# its __dict__ made torch.save of the module fail: oneDNN tensors have no storage)
 _PACKED_WEIGHTS = torch.utils.weak.WeakIdKeyDictionary()
+# inside frozen_weights(): the caller promises that weights change only in ways their version
+# counter records
+_FROZEN = contextvars.ContextVar("hierfast_frozen_weights", default=False)
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Opt-in: inside this block, CPU inference keeps oneDNN's blocked copy of each weight
+    between calls instead of reordering it on every call (ResNet-18, channels_last, 2 threads,
+    2026-12-02: 1.46x at N = 1, 1.05x at N = 8; :func:`_packed_weight`).
+
+    The promise made: inside the block, weights change only through ops autograd's version
+    counter records (in-place ops on the parameter itself, optimizer steps,
+    ``load_state_dict``) or by assigning a new ``.data``. Writes it cannot see give outputs
+    of the OLD weight: in place through ``.data`` (``p.data.mul_(m)``, ``nn.init`` on
+    ``p.data``, a momentum encoder's update) or through numpy. Validating the copy instead
+    (one pass over the weight per call) measured as slow as the reorder it saves. Copies
+    are dropped when the outermost block exits; wrap the whole inference loop, not each call.
+    """
+    outermost = not _FROZEN.get()
+    token = _FROZEN.set(True)
+    try:
+        yield
+    finally:
+        _FROZEN.reset(token)
+        if outermost:
+            _PACKED_WEIGHTS.clear()
 
 
 def _packed_weight(x, w, p):
-    """``w`` reordered once into oneDNN's blocked layout for this input shape: the post-op
-    convolution otherwise reorders it on every call (measured, N = 8, 2 threads: 3x3 256 @14
-    5.00 -> 4.63 ms, 128 @28 4.40 -> 4.29, 64 @56 4.81 -> 4.74; N = 1, 64 @14: 127 -> 88 us).
-    Keyed on the weight's storage, version counter, layout and the input shape, so an in-place
-    update (optimizer step, load_state_dict), a new ``.data`` or another batch size repacks; at
-    most one copy per weight. Tensors without a version counter (inference-mode tensors) are
-    not cached."""
+    """``w`` reordered once into oneDNN's blocked layout for this input shape (under
+    :func:`frozen_weights` only): the post-op convolution otherwise reorders it on every call
+    (measured, N = 8, 2 threads: 3x3 256 @14 5.00 -> 4.63 ms, 128 @28 4.40 -> 4.29, 64 @56
+    4.81 -> 4.74; N = 1, 64 @14: 127 -> 88 us). Keyed on the weight's storage, version counter,
+    layout and the input shape, so an in-place update (optimizer step, load_state_dict), a new
+    ``.data`` or another batch size repacks; writes that bypass the version counter do not
+    (hence opt-in). At most one copy per weight. Tensors without a version counter
+    (inference-mode tensors) are not cached."""
     try:
         key = (w._version, w.data_ptr(), w.shape, w.stride(), w.dtype, x.shape, x.dtype, p)
     except RuntimeError:  # inference tensors track no version
@@ -334,9 +365,10 @@ def _fwd_cpu(x, w, b, p, act, keep, stats):
     # 4.3 ms, 1x1 64 @16 229 against 175 us; forward-only timings had favoured it: the reorder's
     # traffic shows only once a backward has evicted the weight from cache).
     if not keep and _onednn_ok(x, act):
-        # a reused (blocked) weight makes oneDNN write channels_last: only for channels_last input,
-        # so y keeps torch's memory format
-        reuse = x.is_contiguous(memory_format=torch.channels_last)
+        # reuse only when asked (frozen_weights): a write through .data or numpy does not bump
+        # the version counter the cache is keyed on. A reused (blocked) weight makes oneDNN write
+        # channels_last: only for channels_last input, so y keeps torch's memory format
+        reuse = _FROZEN.get() and x.is_contiguous(memory_format=torch.channels_last)
         if _onednn_pays(x, w, p, reuse):
             # y = act(conv + b) in one oneDNN primitive. A statistics tap reads y once more:
             # measured cheaper than torch's convolution + our epilogue with the tap (which reads

@@ -232,3 +232,38 @@ def test_cli_analyze_report_and_report_command(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="not writable"):
         main(["analyze", "--model", "capture_cli_factories:model", "--data", "capture_cli_factories:data",
               "--out", str(blocker / "sub")])
+
+
+def test_ragged_last_batch_is_left_out_of_the_statistics_too_small_for_it(tmp_path):
+    """33 samples in batches of 8: the last batch (1 sample) is too small for CKA (needs 4) and
+    invariance (needs 2) but not for sparsity; it is skipped by those two only, with a warning,
+    counted in Results.skipped_small, and the checkpoint stays resumable."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from capture_reference import minibatch_cka_matrix
+    from hierfast.transforms import GaussianNoise
+
+    net = make_net()
+    g = torch.Generator().manual_seed(3)
+    loader = DataLoader(TensorDataset(torch.randn(33, 3, 8, 8, generator=g)), batch_size=8)
+    stats = {"cka": {}, "sparsity": {}, "invariance": {"transforms": {"noise": [GaussianNoise(0.1)]}}}
+    ckpt = tmp_path / "rag.pt"
+    with pytest.warns(RuntimeWarning, match=r"batch 4 has 1 sample.*'cka' needs >= 4.*'invariance' needs >= 2"):
+        res = analyze(net, loader, layers=["0", "5"], stats=stats, checkpoint=ckpt, progress=False)
+    assert res.skipped_small == {"cka": 1, "sparsity": 0, "invariance": 1}
+    assert res.n_samples == 33 and res.n_batches == 5
+    with torch.no_grad():
+        feats = [[net[0](x), net(x)] for (x,) in loader]
+    torch.testing.assert_close(res.cka, minibatch_cka_matrix(feats[:4]), atol=1e-6, rtol=0)  # the 4 full batches
+    ref_sparsity = [torch.cat([(f[k] > 0).flatten() for f in feats]).double().mean() for k in (0, 1)]
+    torch.testing.assert_close(res.sparsity, torch.stack(ref_sparsity), atol=1e-12, rtol=0)  # all 33 samples
+    assert torch.load(ckpt, weights_only=True)["next_batch"] == 5
+    resumed = analyze(net, loader, layers=["0", "5"], stats=stats, checkpoint=ckpt, progress=False)
+    assert torch.equal(resumed.cka, res.cka) and resumed.skipped_small == res.skipped_small
+    assert Results.load(res.save(tmp_path / "out")).skipped_small == res.skipped_small
+
+
+def test_every_batch_too_small_names_the_statistic():
+    with pytest.warns(RuntimeWarning, match="'cka' needs >= 4"):
+        with pytest.raises(ValueError, match=r"every batch was too small for \['cka'\]"):
+            analyze(make_net(), make_data(2, b=3), progress=False)

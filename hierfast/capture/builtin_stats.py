@@ -157,7 +157,8 @@ class InvarianceStatistic:
         return self
 
 
-register_statistic("invariance", InvarianceStatistic)
+# tr Cov f needs two rows; the optional debiased CKA four
+register_statistic("invariance", InvarianceStatistic, min_samples=lambda opts: 4 if opts.get("cka") else 2)
 
 
 class ProbeStatistic:

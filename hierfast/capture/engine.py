@@ -15,7 +15,7 @@ from . import _checkpoint
 from ._data import call_model, parse_batch, to_device
 from .layer_capture import LayerCapture
 from .results import Results
-from .statistics import BatchContext, get_statistic
+from .statistics import BatchContext, get_statistic, min_samples
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -200,7 +200,8 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
     rank = dist.get_rank(group) if dist is not None else None
     ckpt_path = _checkpoint.rank_path(checkpoint, rank) if checkpoint is not None else None
 
-    run = _Run(model, compare_to, cap_a, cap_b, dev_a, dev_b, token_like)
+    run = _Run(model, compare_to, cap_a, cap_b, dev_a, dev_b, token_like, [n for n, _ in specs])
+    mins = {name: min_samples(name, opts) for name, opts in specs}
     state = _checkpoint.load(ckpt_path) if ckpt_path is not None else None
     start = 0
     objs: dict | None = None
@@ -271,10 +272,16 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                 n = b.size if run.token_like else run.rows
                 ctx = BatchContext(index=i, inputs=inputs, labels=labels, attention_mask=mask, batch_size=n,
                                    forward=lambda x: run.forward(to_device(x, dev_a), _mask_of(x, dev_a), i, None))
+                small = [name for name in objs if run.rows < mins[name]]
+                if small:
+                    _warn_small(i, run.rows, small, mins)
                 consistent = False  # a failure between here and the end leaves statistics half-updated
-                for s in objs.values():
-                    s.update_batch(fa, fb, ctx)
+                for name, s in objs.items():
+                    if name not in small:
+                        s.update_batch(fa, fb, ctx)
                 consistent = True
+                for name in small:
+                    run.small[name] += 1
                 del fa, fb, ctx
                 run.n_samples += n
                 run.n_batches += 1
@@ -292,6 +299,7 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                 run.sync(dist, group)
                 for s in objs.values():
                     s.sync(group)
+            _check_used(run, mins)
             values = {name: s.compute() for name, s in objs.items()}
     except BaseException:
         # keep everything done so far (a model raising mid-run, Ctrl-C): rerunning resumes
@@ -306,7 +314,8 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                       RuntimeWarning, stacklevel=2)
     return Results(layers=run.layers_a, layers_b=run.layers_b, shapes=cap_a.shapes | run.shapes_a,
                    shapes_b=(cap_b.shapes | run.shapes_b) if cap_b is not None else None,
-                   n_samples=run.n_samples, n_batches=run.n_batches, n_skipped=run.n_skipped, values=values,
+                   n_samples=run.n_samples, n_batches=run.n_batches, n_skipped=run.n_skipped,
+                   skipped_small=run.small, values=values,
                    config={"reduce": reduce if isinstance(reduce, str) else repr(reduce),
                            "stats": [n for n, _ in specs], "world_size": dist.get_world_size(group) if dist else 1})
 
@@ -321,6 +330,21 @@ def _restore_modes(flags) -> None:
     # set each flag alone: ``train(was)`` would also overwrite the children's own flags
     for m, was in flags:
         m.training = was
+
+
+def _warn_small(index: int, rows: int, names: list[str], mins: dict) -> None:
+    need = ", ".join(f"{n!r} needs >= {mins[n]}" for n in names)
+    warnings.warn(f"batch {index} has {rows} sample(s) ({need}): left out of {names} only (other statistics still "
+                  "use it); counted in Results.skipped_small (a ragged last batch? drop_last=True avoids it)",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _check_used(run, mins: dict) -> None:
+    """A statistic that left out every batch has nothing to compute: say why."""
+    empty = [n for n, k in run.small.items() if k and k == run.n_batches]
+    if empty:
+        raise ValueError(f"every batch was too small for {empty} (needs >= {[mins[n] for n in empty]} samples per "
+                         "batch); use larger batches, or drop these statistics")
 
 
 def _agree(dist, group, has_data: bool, layout, rank) -> None:
@@ -375,7 +399,7 @@ def _empty_message(data, start, skipped, rank) -> str:
 class _Run:
     """Per-call state: forwards through the captures, layout checks, counters."""
 
-    def __init__(self, model, model_b, cap_a, cap_b, dev_a, dev_b, token_like):
+    def __init__(self, model, model_b, cap_a, cap_b, dev_a, dev_b, token_like, stat_names):
         self.model, self.model_b, self.cap_a, self.cap_b = model, model_b, cap_a, cap_b
         self.dev_a, self.dev_b, self.token_like = dev_a, dev_b, token_like
         self.layers_a: list[str] | None = None
@@ -383,26 +407,30 @@ class _Run:
         self.shapes_a: dict = {}
         self.shapes_b: dict = {}
         self.n_samples = self.n_batches = self.n_skipped = self.next_batch = 0
+        self.small = {n: 0 for n in stat_names}  # batches each statistic left out as too small
         self.rows = 0  # samples (feature rows) of the last forward
         self.ckpt = None  # path of a restored checkpoint until the first forward is checked against it
 
     def meta(self) -> dict:
         return {"layers_a": self.layers_a, "layers_b": self.layers_b, "n_samples": self.n_samples,
-                "n_batches": self.n_batches, "n_skipped": self.n_skipped,
+                "n_batches": self.n_batches, "n_skipped": self.n_skipped, "skipped_small": dict(self.small),
                 "shapes_a": {k: list(v) for k, v in (self.cap_a.shapes | self.shapes_a).items()},
                 "shapes_b": {k: list(v) for k, v in ((self.cap_b.shapes if self.cap_b else {}) | self.shapes_b).items()}}
 
     def restore(self, state: dict) -> None:
         self.layers_a, self.layers_b = state["layers_a"], state["layers_b"]
         self.n_samples, self.n_batches, self.n_skipped = state["n_samples"], state["n_batches"], state["n_skipped"]
+        self.small.update(state.get("skipped_small", {}))  # absent from checkpoints of older versions
         self.shapes_a = {k: tuple(v) for k, v in state["shapes_a"].items()}
         self.shapes_b = {k: tuple(v) for k, v in state["shapes_b"].items()}
 
     def sync(self, dist, group) -> None:
-        t = torch.tensor([self.n_samples, self.n_batches, self.n_skipped], dtype=torch.float64,
+        t = torch.tensor([self.n_samples, self.n_batches, self.n_skipped, *self.small.values()], dtype=torch.float64,
                          device=self.dev_a if self.dev_a.type == "cuda" else "cpu")
         dist.all_reduce(t, group=group)
-        self.n_samples, self.n_batches, self.n_skipped = (int(v) for v in t.tolist())
+        counts = [int(v) for v in t.tolist()]
+        self.n_samples, self.n_batches, self.n_skipped = counts[:3]
+        self.small = dict(zip(self.small, counts[3:]))
 
     def _one(self, model, cap, inputs, mask, dev, which, index):
         cap.attention_mask = mask.to(dev) if mask is not None else None

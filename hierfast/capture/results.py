@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-_META = ("layers", "layers_b", "shapes", "shapes_b", "n_samples", "n_batches", "n_skipped", "stats", "config")
+_META = ("layers", "layers_b", "shapes", "shapes_b", "n_samples", "n_batches", "n_skipped", "skipped_small",
+         "stats", "config")
 
 
 def _plain(v):
@@ -60,12 +61,15 @@ class Results:
         layers_b: the same for ``compare_to`` (None without it).
         shapes / shapes_b: ``{name: per-sample output shape}`` before reduction.
         n_samples: samples counted (summed over ranks); n_batches, n_skipped likewise.
+        skipped_small: ``{statistic: batches}`` left out of that statistic only, for having fewer
+            samples than it needs (a ragged last batch of 1 for ``"cka"``, which needs 4); that
+            statistic saw ``n_batches - skipped_small[name]`` batches.
         cka: ``(La, Lb)`` float64 CKA matrix (with ``stats=("cka", ...)``); every other
             statistic ``s`` of ``stats`` is available as ``results.s``.
     """
 
     def __init__(self, *, layers, layers_b, shapes, shapes_b, n_samples, n_batches, n_skipped=0,
-                 values: dict[str, Any], config: dict | None = None) -> None:
+                 values: dict[str, Any], config: dict | None = None, skipped_small: dict | None = None) -> None:
         self.layers = list(layers)
         self.layers_b = list(layers_b) if layers_b is not None else None
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
@@ -73,6 +77,7 @@ class Results:
         self.n_samples, self.n_batches, self.n_skipped = int(n_samples), int(n_batches), int(n_skipped)
         self.values = {k: _plain(v) for k, v in values.items()}
         self.stats = list(self.values)
+        self.skipped_small = {k: int((skipped_small or {}).get(k, 0)) for k in self.stats}
         self.config = dict(config or {})
 
     def __getattr__(self, name):
@@ -106,7 +111,7 @@ class Results:
                 "shapes": {k: list(v) for k, v in self.shapes.items()},
                 "shapes_b": {k: list(v) for k, v in self.shapes_b.items()} if self.shapes_b is not None else None,
                 "n_samples": self.n_samples, "n_batches": self.n_batches, "n_skipped": self.n_skipped,
-                "stats": self.stats, "config": self.config}
+                "skipped_small": self.skipped_small, "stats": self.stats, "config": self.config}
 
     @staticmethod
     def _paths(path) -> tuple[Path, Path]:
@@ -141,7 +146,8 @@ class Results:
         values = {k: _decode(v, arrays) for k, v in meta["values"].items()}
         return cls(layers=meta["layers"], layers_b=meta["layers_b"], shapes=meta["shapes"],
                    shapes_b=meta["shapes_b"], n_samples=meta["n_samples"], n_batches=meta["n_batches"],
-                   n_skipped=meta["n_skipped"], values=values, config=meta.get("config"))
+                   n_skipped=meta["n_skipped"], values=values, config=meta.get("config"),
+                   skipped_small=meta.get("skipped_small"))
 
     # -- plot ------------------------------------------------------------------------------
     def plot_cka(self, ax=None, *, cmap: str = "magma", title: str | None = None):

@@ -23,12 +23,17 @@ it returns implements :class:`Statistic`:
   ``all_reduce``; :meth:`hierfast.stats.Accumulator.sync` does it); no-op when not
   distributed.
 
+``register_statistic(..., min_samples=k)``: the statistic needs at least ``k`` feature rows
+per batch (``"cka"``: 4, for the unbiased HSIC); ``k`` may also be a function of the
+statistic's options, ``f(options) -> int``. ``analyze`` leaves a smaller batch (a ragged
+last batch) out of that statistic only, warns, and counts it in ``Results.skipped_small``.
+
 Everything runs under ``torch.inference_mode()``; features live on the model's device.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -67,18 +72,39 @@ class Statistic(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Statistic]] = {}
+MinSamples = Union[int, Callable[[Mapping], int]]
+_MIN_SAMPLES: dict[str, MinSamples] = {}
 
 
-def register_statistic(name: str, factory: Callable[..., Statistic], *, overwrite: bool = False) -> None:
-    """Make ``name`` usable in ``analyze(stats=(name, ...))``; see the module docstring."""
+def register_statistic(name: str, factory: Callable[..., Statistic], *, overwrite: bool = False,
+                       min_samples: MinSamples = 1) -> None:
+    """Make ``name`` usable in ``analyze(stats=(name, ...))``; see the module docstring.
+    ``min_samples``: the fewest feature rows a batch must have for this statistic (an int,
+    or ``f(options) -> int``)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"statistic name must be a Python identifier (it becomes Results.<name>), got {name!r}")
     if not callable(factory):
         raise TypeError(f"factory must be callable (layers_a, layers_b, **options) -> Statistic, got "
                         f"{type(factory).__name__}")
+    if not callable(min_samples):
+        _check_min(min_samples, name)
     if name in _REGISTRY and not overwrite and _REGISTRY[name] is not factory:
         raise ValueError(f"a statistic named {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[name] = factory
+    _MIN_SAMPLES[name] = min_samples
+
+
+def _check_min(k, name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"min_samples of statistic {name!r} must be a positive int, got {k!r}")
+    return k
+
+
+def min_samples(name: str, options: Mapping | None = None) -> int:
+    """The fewest feature rows per batch statistic ``name`` needs with these options."""
+    get_statistic(name)
+    k = _MIN_SAMPLES[name]
+    return _check_min(k(dict(options or {})) if callable(k) else k, name)
 
 
 def available_statistics() -> list[str]:
@@ -118,4 +144,4 @@ class CKAStatistic:
         return self
 
 
-register_statistic("cka", CKAStatistic)
+register_statistic("cka", CKAStatistic, min_samples=4)  # the unbiased HSIC divides by n - 3

@@ -29,6 +29,15 @@ class _Stop(Exception):
     """Raised by the target layer's hook: the rest of the forward is not needed."""
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _upcast(acts: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations in float32: objectives and the diversity Gram matrices
+    (sums over positions) would overflow or round in float16/bfloat16."""
+    return acts.float() if acts.dtype in _LOW else acts
+
+
 @dataclass
 class Visualization:
     """Result of :func:`activation_maximization` for ``C`` channels (``S`` samples each).
@@ -139,7 +148,11 @@ def activation_maximization(model: nn.Module, layer, channels=None, *, steps: in
     Args:
         model: an image model built from ``nn.Conv2d`` (or ``hierfast.nn.Conv2dAct``); its
             weights are not changed, it runs in eval mode, and its training flag and
-            parameters' ``requires_grad`` are restored afterwards.
+            parameters' ``requires_grad`` are restored afterwards. The synthetic images do
+            not count in its statistics taps (``hierfast.nn.paused_stats``). Any floating
+            dtype: the images and Adam's state stay in float32 (float64 for a float64
+            model) and are cast to the model's dtype at its input, so float16/bfloat16
+            models optimise like float32 ones (Adam's ``eps`` underflows in float16).
         layer: submodule name (closest names listed if unknown) or the module.
         channels: int, list of ints, or None (all channels of the layer).
         steps: Adam steps. size: image side in pixels.
@@ -147,12 +160,14 @@ def activation_maximization(model: nn.Module, layer, channels=None, *, steps: in
         transforms: ``"standard"`` (pad, jitter, scale, rotate per step), None, or ``f(images, generator)``.
         objective: ``"channel"`` (mean over positions), ``"neuron"`` (the central unit) or
             ``f(acts, channels) -> (N,)`` where ``acts`` is the layer output ``(N, C, ...)``
-            and ``channels`` ``(N,)`` the channel assigned to each image.
+            (float32 for a float16/bfloat16 model) and ``channels`` ``(N,)`` the channel
+            assigned to each image.
         diversity: weight of Lucid's diversity term between the ``samples`` images of a
             channel. samples: images per channel (default 1, or 4 when ``diversity > 0``).
         lr: Adam learning rate. seed: seeds the initial image and the transforms.
         tv, l2: weights of total-variation and L2 (around grey 0.5) penalties.
-        preprocess: optional ``f(images in [0, 1]) -> model input`` (e.g. normalisation).
+        preprocess: optional ``f(images in [0, 1]) -> model input`` (e.g. normalisation),
+            applied in the images' float32; its output is cast to the model's dtype.
         pre_activation: for a ``hierfast.nn.Conv2dAct`` layer, maximise the convolution's
             output before the activation (a ReLU's zero region has no gradient, so channels
             that start off would never move); ``values`` are then pre-activation values.
@@ -173,6 +188,9 @@ def activation_maximization(model: nn.Module, layer, channels=None, *, steps: in
         device, dtype = p0.device, (p0.dtype if p0.is_floating_point() else torch.float32)
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
+    # Adam on float16 parameters fails at step 1 (its eps=1e-8 underflows: 0/0), and bfloat16
+    # loses small updates: the image and the optimiser state are kept in at least float32.
+    image_dtype = torch.promote_types(dtype, torch.float32)
 
     store: dict[str, torch.Tensor] = {}
 
@@ -190,66 +208,73 @@ def activation_maximization(model: nn.Module, layer, channels=None, *, steps: in
         x = img.mean(1, keepdim=True) if in_ch == 1 else img
         if preprocess is not None:
             x = preprocess(x)
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.to(dtype)  # differentiable: the float32 image gets the gradient
         try:
             model(x)
         except _Stop:
-            return store.pop("acts")
+            return _upcast(store.pop("acts"))
         raise ValueError(f"layer {name!r} did not run in the model's forward")
+
+    from ..nn.stats import paused_stats
 
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handle = module.register_forward_hook(hook)
     model.eval()
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.no_grad():  # dry run: number of channels of the layer
-            n_out = run(torch.full((1, 3, size, size), 0.5, device=device, dtype=dtype)).shape[1]
-        chans = _channels(channels, n_out, name)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        image = _param.Image(len(chans) * samples, size, param, decorrelate, gen, device, dtype)
-        opt = torch.optim.Adam(image.parameters(), lr=lr)
-        ch = torch.tensor(chans, device=device).repeat_interleave(samples)
-        history = torch.empty(steps, len(chans), dtype=torch.float64)
-        it = range(steps)
-        if progress:
-            from tqdm.auto import tqdm
+    with paused_stats(model):  # synthetic images are not data: the taps must not count them
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with torch.no_grad():  # dry run: number of channels of the layer
+                n_out = run(torch.full((1, 3, size, size), 0.5, device=device, dtype=image_dtype)).shape[1]
+            chans = _channels(channels, n_out, name)
+            gen = torch.Generator(device="cpu").manual_seed(int(seed))
+            image = _param.Image(len(chans) * samples, size, param, decorrelate, gen, device, image_dtype)
+            opt = torch.optim.Adam(image.parameters(), lr=lr)
+            ch = torch.tensor(chans, device=device).repeat_interleave(samples)
+            history = torch.empty(steps, len(chans), dtype=torch.float64)
+            it = range(steps)
+            if progress:
+                from tqdm.auto import tqdm
 
-            it = tqdm(it, desc=f"visualise {name}", unit="step")
-        for s in it:
-            with torch.enable_grad():
+                it = tqdm(it, desc=f"visualise {name}", unit="step")
+            for s in it:
+                with torch.enable_grad():
+                    img = image()
+                    t = img
+                    if transforms == "standard":
+                        t = _param.standard_transform(img, gen)
+                    elif callable(transforms):
+                        t = transforms(img, gen)
+                    acts = run(t)
+                    obj = _objective(objective, acts, ch, name)
+                    loss = -obj
+                    if diversity > 0:
+                        loss = loss - diversity * _diversity(acts, samples)
+                    if tv > 0:
+                        loss = loss + tv * _param.total_variation(img)
+                    if l2 > 0:
+                        loss = loss + l2 * (img - 0.5).pow(2).flatten(1).mean(1)
+                    if not bool(torch.isfinite(obj).all()):
+                        raise ValueError(f"objective of layer {name!r} became non-finite at step {s}; lower lr"
+                                         + (f" (or run the model in float32: its {dtype} activations may overflow)"
+                                            if dtype in _LOW else ""))
+                    opt.zero_grad(set_to_none=True)
+                    loss.sum().backward()
+                    opt.step()
+                history[s] = obj.detach().double().view(len(chans), samples).mean(1).cpu()
+            with torch.no_grad():
                 img = image()
-                t = img
-                if transforms == "standard":
-                    t = _param.standard_transform(img, gen)
-                elif callable(transforms):
-                    t = transforms(img, gen)
-                acts = run(t)
-                obj = _objective(objective, acts, ch, name)
-                loss = -obj
-                if diversity > 0:
-                    loss = loss - diversity * _diversity(acts, samples)
-                if tv > 0:
-                    loss = loss + tv * _param.total_variation(img)
-                if l2 > 0:
-                    loss = loss + l2 * (img - 0.5).pow(2).flatten(1).mean(1)
-                if not bool(torch.isfinite(obj).all()):
-                    raise ValueError(f"objective of layer {name!r} became non-finite at step {s}; lower lr")
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-            history[s] = obj.detach().double().view(len(chans), samples).mean(1).cpu()
-        with torch.no_grad():
-            img = image()
-            final = _objective(objective, run(img), ch, name).double().cpu()
-            if in_ch == 1:
-                img = img.mean(1, keepdim=True).expand(-1, 3, -1, -1)
-            img = img.detach().float().cpu().contiguous()
-    finally:
-        handle.remove()
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(was_training)
+                final = _objective(objective, run(img), ch, name).double().cpu()
+                if in_ch == 1:
+                    img = img.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+                img = img.detach().float().cpu().contiguous()
+        finally:
+            handle.remove()
+            for p, f in flags:
+                p.requires_grad_(f)
+            model.train(was_training)
     if samples > 1:
         img = img.view(len(chans), samples, 3, size, size)
         final = final.view(len(chans), samples)

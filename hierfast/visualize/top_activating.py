@@ -133,7 +133,9 @@ def top_activating(model: nn.Module, data, layers, *, k: int = 9, reduce: str = 
 
     Args:
         model: any ``nn.Module``; run in eval mode under ``torch.inference_mode`` (its
-            training flag is restored afterwards).
+            training flag is restored afterwards). Its statistics taps
+            (``hierfast.nn.track_stats``) count ``data``, which is real input, but not the
+            random images of the receptive-field probe.
         data: iterable of batches: tensors, ``(x, y)`` tuples, dicts, or a DataLoader.
             Dataset index = position of the sample in the stream (batch order).
         layers: names, glob patterns, module types or predicates (see ``LayerCapture``).
@@ -220,12 +222,15 @@ def top_activating(model: nn.Module, data, layers, *, k: int = 9, reduce: str = 
 
 
 def _receptive_field(model, name, module, x):
+    from ..nn.stats import paused_stats
+
     rf = _receptive.analytic(model, name)
     if rf is not None:
         return rf
     was_training = model.training
     model.eval()
     try:
-        return _receptive.gradient_probe(model, module, x)
+        with paused_stats(model):  # the probe's random images are not data: the taps must not count them
+            return _receptive.gradient_probe(model, module, x)
     finally:
         model.train(was_training)

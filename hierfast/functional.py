@@ -7,6 +7,7 @@ kernel (hierfast/ops/conv_act.py), differentiable, and a torch custom op
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 from typing import List, Optional, Tuple
 
@@ -26,15 +27,24 @@ frozen_weights = K.frozen_weights
 
 
 # --------------------------------------------------------------------------- argument checks
+def _as_int(v) -> int | None:
+    """``v`` as a Python int when it is an integer (anything ``operator.index`` takes: numpy's
+    integers too, as nn.Conv2d keeps them), never a bool; else None."""
+    if isinstance(v, bool) or type(v).__name__ == "bool_":  # numpy's bool
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def _pair(v, name: str) -> tuple[int, int]:
     if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:  # nn.Conv2d's form
         return v
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return (int(v[0]), int(v[1]))
-    if isinstance(v, (tuple, list)) and len(v) == 1 and isinstance(v[0], int):
-        return (int(v[0]), int(v[0]))
+    items = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    ints = [_as_int(i) for i in items]
+    if len(ints) in (1, 2) and None not in ints:
+        return (ints[0], ints[-1])
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
@@ -94,8 +104,10 @@ def _geometry(stride, padding, dilation, groups, w_shape, x_shape):
     dilation = _pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1:
         raise ValueError(f"stride and dilation must be >= 1, got stride={stride}, dilation={dilation}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    groups_int = _as_int(groups)
+    if groups_int is None or groups_int < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = groups_int
     cin = x_shape[1]
     if w_shape[0] % groups:
         raise ValueError(f"out_channels ({w_shape[0]}) must be divisible by groups ({groups})")
@@ -308,6 +320,26 @@ def needs_torch_ops(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
             or (b is not None and _is_wrapped(b)) or _jit_tracing_state() is not None)
 
 
+# --------------------------------------------------------------------------- autocast
+@functools.lru_cache(maxsize=None)
+def _autocast_available(device_type: str) -> bool:
+    # torch.is_autocast_enabled raises for device types without autocast ("meta")
+    return torch.amp.is_autocast_available(device_type)
+
+
+def _autocast_on(device_type: str) -> bool:
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+# what torch's autocast casts for conv2d: floating-point tensors but float64
+_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast(t, dt):
+    """``t`` in the autocast dtype ``dt`` where torch's autocast would cast it, else as it is."""
+    return t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CAST else t
+
+
 # --------------------------------------------------------------------------- public function
 def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                dilation=1, groups: int = 1, activation="relu", *, stats: torch.Tensor | None = None,
@@ -342,11 +374,10 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     the reordered copy, for weights that change only in ways autograd's version counter records.
     """
     act = A.resolve(activation, **act_kwargs)
-    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+    if isinstance(input, torch.Tensor) and _autocast_on(input.device.type):
         # as F.conv2d under autocast: run in the autocast dtype
         dt = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+        input, weight, bias = (_autocast(t, dt) for t in (input, weight, bias))
     _check(input, weight, bias)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
@@ -360,7 +391,9 @@ def conv2d_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                              f"{x.device}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if needs_torch_ops(x, weight, bias):  # torch.func, forward-mode AD, jit.trace, ONNX export
+    if x.device.type == "meta":  # shapes only: torch's ops describe the output; no statistics to add
+        y = K.eager_forward(x, weight, bias, p, act, None)
+    elif needs_torch_ops(x, weight, bias):  # torch.func, forward-mode AD, jit.trace, ONNX export
         if stats is not None:
             raise ValueError("stats taps cannot be used under torch.func transforms (vmap, grad, ...), "
                              "forward-mode AD, torch.jit.trace or ONNX export")

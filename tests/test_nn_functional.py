@@ -323,6 +323,17 @@ def test_validated_arguments_are_cached_but_never_loosened():
     torch.testing.assert_close(conv2d_act(x4, w4, padding="same"), F.relu(F.conv2d(x4, w4, padding="same")))
 
 
+def test_numpy_integer_arguments_as_conv2d():
+    """stride/padding/dilation/groups as numpy integers (nn.Conv2d keeps them so) work as in
+    F.conv2d; numpy's bool is refused as Python's is."""
+    np = pytest.importorskip("numpy")
+    x, w = torch.randn(2, 4, 9, 9, dtype=torch.float64), torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    kw = dict(stride=np.int64(2), padding=(np.int32(1), 2), dilation=[np.int64(1)], groups=np.int64(2))
+    torch.testing.assert_close(conv2d_act(x, w, **kw), F.relu(F.conv2d(x, w, stride=2, padding=(1, 2), groups=2)))
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        conv2d_act(x, w, stride=np.bool_(True), groups=2)
+
+
 def test_cpu_path_choice_by_size():
     """The measured limits of _onednn_pays: small layers take torch's conv + our epilogue, large
     ones oneDNN, by outputs or multiply-adds (benchmarks/small_layers.py paths; inference only)."""

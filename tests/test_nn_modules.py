@@ -188,6 +188,34 @@ def test_autocast_runs_in_autocast_dtype_like_conv2d():
         y, r = m(x), F.silu(ref(x))
     assert y.dtype == r.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), r.float(), atol=3e-2, rtol=2e-2)
+    m, ref, x = m.double(), ref.double(), x.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not autocast's to cast
+        y, r = m(x), F.silu(ref(x))
+    assert y.dtype == r.dtype == torch.float64
+    torch.testing.assert_close(y, r)
+
+
+def test_meta_tensors_give_conv2ds_output():
+    """Meta tensors (shape inference, deferred initialisation) give nn.Conv2d's shape, dtype
+    and device, with and without a statistics tap, in inference and training."""
+    ref = nn.Conv2d(3, 4, 3, stride=2, device="meta")
+    for track in (False, True):
+        m = Conv2dAct(3, 4, 3, stride=2, device="meta", track_stats=track)
+        for x in (torch.empty(2, 3, 9, 8, device="meta"), torch.empty(3, 9, 8, device="meta")):
+            y, r = m(x), ref(x)
+            assert (y.shape, y.dtype, y.device) == (r.shape, r.dtype, r.device)
+            with torch.no_grad():
+                assert m(x).shape == r.shape
+
+
+def test_fuse_keeps_numpy_integer_arguments_working():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=np.int64(2), padding=np.int64(1)), nn.ReLU()).eval()
+    fused, report = fuse(model)
+    assert report[0]["fused"]
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(fused(x), model(x))
 
 
 def test_fuse_keeps_channels_last_weights():

@@ -81,7 +81,7 @@ def test_model_raising_mid_run_keeps_everything(tmp_path):
     # rerunning a finished call returns the same result; more data continues; other statistics refuse
     again = analyze(DieAt(net, at=-1), make_data(), checkpoint=ckpt, progress=False)
     assert torch.equal(again.cka, full.cka) and again.n_batches == 10
-    with pytest.raises(ValueError, match="checkpoint=.* was written for layers"):
+    with pytest.raises(ValueError, match="checkpoint=.* another configuration: layers: "):
         analyze(net, make_data(12), checkpoint=ckpt, progress=False)  # not the wrapped model's layer names
     more = analyze(DieAt(net, at=-1), make_data(12), checkpoint=ckpt, progress=False)
     torch.testing.assert_close(more.cka, analyze(net, make_data(12), progress=False).cka, atol=1e-12, rtol=0)
@@ -267,3 +267,49 @@ def test_every_batch_too_small_names_the_statistic():
     with pytest.warns(RuntimeWarning, match="'cka' needs >= 4"):
         with pytest.raises(ValueError, match=r"every batch was too small for \['cka'\]"):
             analyze(make_net(), make_data(2, b=3), progress=False)
+
+
+def _wide_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 9, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(9, 8, 3, stride=2),
+                         nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
+
+
+@pytest.mark.parametrize("first,second,what", [
+    ({}, {"reduce": "avgpool"}, "reduce: 'flatten' in the checkpoint, 'avgpool' now"),
+    ({"stats": {"invariance": {"cka": False}}}, {"stats": {"invariance": {"cka": True}}}, r"stats of \['invariance'\]"),
+    ({}, {"compare_to": True}, "compare_to: 'absent' in the checkpoint, 'present' now"),
+    ({"compare_to": True}, {}, "compare_to: 'present' in the checkpoint, 'absent' now"),
+    ({"compare_to": True}, {"compare_to": True, "layers_b": ["0", "5"]}, "layers_b: "),
+    ({}, {"model": _wide_net}, r"shapes of \['0', '2'\] differ"),
+])
+def test_resume_with_another_configuration_is_refused(tmp_path, first, second, what):
+    """Only the statistic and layer names used to be compared: a resume with another reduce,
+    options, compare_to, layers_b or layer widths silently mixed two analyses."""
+    def run(cfg, **kw):
+        cfg = dict(cfg)
+        model = cfg.pop("model", make_net)()
+        other = make_net(1) if cfg.pop("compare_to", False) else None
+        return analyze(model, make_data(4), compare_to=other, checkpoint=tmp_path / "c.pt", progress=False,
+                       **cfg, **kw)
+
+    run(first, max_batches=2)
+    with pytest.raises(ValueError, match=what) as e:
+        run(second)
+    assert "delete the file to start fresh" in str(e.value)
+    resumed = run(first)  # the same configuration still resumes, equal to one uninterrupted run
+    full = analyze(make_net(), make_data(4), compare_to=make_net(1) if first.get("compare_to") else None,
+                   progress=False, **{k: v for k, v in first.items() if k != "compare_to"})
+    for name in resumed.stats:
+        assert str(resumed.values[name]) == str(full.values[name])
+
+
+def test_checkpoint_of_an_older_version_resumes_with_a_warning(tmp_path):
+    ckpt = tmp_path / "old.pt"
+    analyze(make_net(), make_data(4), checkpoint=ckpt, max_batches=2, progress=False)
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]  # what versions before the configuration record wrote
+    torch.save(state, ckpt)
+    with pytest.warns(RuntimeWarning, match="older hierfast without a record of its configuration"):
+        resumed = analyze(make_net(), make_data(4), checkpoint=ckpt, progress=False)
+    assert torch.equal(resumed.cka, analyze(make_net(), make_data(4), progress=False).cka)

@@ -1,4 +1,5 @@
-"""Atomic checkpoints of an analysis: statistic states + the index of the next batch."""
+"""Atomic checkpoints of an analysis: statistic states, the index of the next batch, and a
+fingerprint of the configuration (a resume must match it)."""
 from __future__ import annotations
 
 import os
@@ -35,3 +36,71 @@ def load(path: Path) -> dict | None:
         raise ValueError(f"checkpoint={str(path)!r} is not a hierfast.analyze checkpoint; delete it or choose "
                          "another path")
     return state
+
+
+def describe(v, depth: int = 0):
+    """A stable, ``torch.save``-able description of an option value: equal for equal
+    configurations across processes (no memory addresses)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if depth > 6:
+        return type(v).__qualname__
+    if isinstance(v, (list, tuple)):
+        return [describe(x, depth + 1) for x in v]
+    if isinstance(v, dict):
+        return {str(k): describe(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)} {v.dtype} sum={float(v.detach().double().sum()):.17g}"
+    if isinstance(v, type) or (callable(v) and not hasattr(v, "__dict__")) or hasattr(v, "__code__"):
+        return f"{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', type(v).__qualname__)}"
+    if not hasattr(v, "__dict__"):
+        r = repr(v)
+        return type(v).__qualname__ if " at 0x" in r else r  # an address differs in every process
+    fields = {k: describe(x, depth + 1) for k, x in sorted(vars(v).items()) if not k.startswith("_")}
+    return {"type": f"{type(v).__module__}.{type(v).__qualname__}", "fields": fields}
+
+
+def layer_shapes(cap) -> dict:
+    """``{layer: [shape of each parameter and buffer]}`` of a capture's selected modules: the
+    same names in a model of other widths give other shapes."""
+    return {name: [list(t.shape) for t in mod.state_dict().values()] for name, mod in cap.modules}
+
+
+def fingerprint(specs, reduce, output_fn, cap_a, cap_b) -> dict:
+    """What an analysis' result depends on besides the data: a resume must match it."""
+    return {"reduce": describe(reduce), "output_fn": describe(output_fn),
+            "stats": {name: describe(opts) for name, opts in specs},
+            "compare_to": "absent" if cap_b is None else "present",
+            "layers": cap_a.names, "layers_b": cap_b.names if cap_b is not None else None,
+            "shapes": layer_shapes(cap_a), "shapes_b": layer_shapes(cap_b) if cap_b is not None else None}
+
+
+def check_config(path: Path, saved: dict | None, now: dict) -> None:
+    """Raise ValueError listing what differs between the checkpoint's configuration and this
+    call's; warn for a checkpoint of an older version, which recorded none."""
+    if saved is None:
+        import warnings
+
+        warnings.warn(f"checkpoint={str(path)!r} was written by an older hierfast without a record of its "
+                      "configuration: only statistic and layer names are checked (not reduce, options, compare_to "
+                      "or layer shapes); delete it if this call differs from the one that wrote it",
+                      RuntimeWarning, stacklevel=3)
+        return
+    diffs = [_diff(k, saved.get(k), now[k]) for k in now if saved.get(k) != now[k]]
+    if diffs:
+        raise ValueError(f"checkpoint={str(path)!r} was written by an analysis with another configuration: "
+                         + "; ".join(diffs) + ". Resuming would mix the two; delete the file to start fresh, or "
+                         "pass another checkpoint path")
+
+
+def _diff(key: str, old, new) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in {**old, **new} if old.get(k) != new.get(k)][:3]
+        return f"{key} of {keys} differ ({[old.get(k) for k in keys]} in the checkpoint, " \
+               f"{[new.get(k) for k in keys]} now)"
+    return f"{key}: {_short(old)} in the checkpoint, {_short(new)} now"
+
+
+def _short(v, n: int = 120) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."

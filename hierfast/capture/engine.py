@@ -203,12 +203,14 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
     run = _Run(model, compare_to, cap_a, cap_b, dev_a, dev_b, token_like, [n for n, _ in specs])
     mins = {name: min_samples(name, opts) for name, opts in specs}
     state = _checkpoint.load(ckpt_path) if ckpt_path is not None else None
+    config = _checkpoint.fingerprint(specs, reduce, output_fn, cap_a, cap_b)
     start = 0
     objs: dict | None = None
     if state is not None:
         if [n for n, _ in specs] != state["stat_names"]:
             raise ValueError(f"checkpoint={str(ckpt_path)!r} holds statistics {state['stat_names']}, this call asks "
                              f"for {[n for n, _ in specs]}; delete the file or use another path")
+        _checkpoint.check_config(ckpt_path, state.get("config"), config)
         start = state["next_batch"]
         run.restore(state)
         run.ckpt = ckpt_path
@@ -217,7 +219,7 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
             s.load_state_dict(state["states"][name])
 
     def save_ckpt():
-        _checkpoint.save(ckpt_path, {"next_batch": run.next_batch, "stat_names": [n for n, _ in specs],
+        _checkpoint.save(ckpt_path, {"next_batch": run.next_batch, "stat_names": [n for n, _ in specs], "config": config,
                                      "states": {k: s.state_dict() for k, s in objs.items()}, **run.meta()})
 
     flags = _save_modes(model, compare_to)

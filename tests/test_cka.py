@@ -200,3 +200,49 @@ def test_symmetric_gram_equals_matmul():
     for n in (64, 128, 200, 1024):
         x = torch.randn(n, 300, dtype=torch.float64)
         torch.testing.assert_close(_grams.symmetric_gram(x), x @ x.T, atol=1e-10, rtol=0)
+
+
+def _nan_with_warning(call):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        value = call()
+    assert torch.isnan(value).all(), value
+    assert any(issubclass(r.category, ConstantLayerWarning) for r in w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value,n", [(0.1, 37), (0.3, 100), (1 / 3, 64), (7.7, 37), (1000.1, 100)])
+def test_exactly_constant_layer_is_nan_in_every_dtype_and_form(dtype, value, n):
+    # centring a constant column leaves ~1e-17 residues: these gave CKA -0.05 (float64)
+    x = torch.full((n, 3), value, dtype=dtype)
+    y = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    for debiased in (False, True):
+        for form in ("feature", "gram"):
+            _nan_with_warning(lambda: linear_cka(x, y, debiased=debiased, form=form))
+        _nan_with_warning(lambda: rbf_cka(x, y, debiased=debiased))
+        for kernel in ("linear", "rbf"):
+            m = cka_matrix({"c": x, "y": y}, kernel=kernel, debiased=debiased)
+            assert torch.isnan(m[0]).all() and torch.isfinite(m[1, 1])
+            _nan_with_warning(lambda: cka_matrix([x], [y], kernel=kernel, debiased=debiased))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tiny_but_nonzero_variance_is_not_a_constant_layer(dtype):
+    # the exact constancy test must not swallow a legit layer whose variance is tiny
+    n = 64
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    one_ulp = torch.full((n, 3), 0.1, dtype=dtype)
+    up = torch.nextafter(one_ulp[0, 0], torch.tensor(1.0, dtype=dtype))
+    one_ulp[5, 1] = one_ulp[9, 1] = up  # two rows: one spike alone has an unbiased HSIC of exactly 0
+    small = 1e-7 if dtype == torch.float64 else 1e-3  # std relative to the mean
+    tiny = (0.1 + small * 0.1 * (y[:, :2] + torch.randn(n, 2, generator=g, dtype=torch.float64))).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConstantLayerWarning)
+        for debiased in (False, True):
+            for form in ("feature", "gram"):
+                assert torch.isfinite(linear_cka(one_ulp, y.to(dtype), debiased=debiased, form=form))
+                got = linear_cka(tiny, y.to(dtype), debiased=debiased, form=form).item()
+                t64 = tiny.double().numpy()
+                ref = cka(gram_linear(t64 - t64.mean(0)), gram_linear(y.to(dtype).double().numpy()), debiased)
+                assert got == pytest.approx(ref, rel=1e-3), (form, debiased)

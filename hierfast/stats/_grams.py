@@ -45,6 +45,17 @@ class Workspace:
         return {"_bufs": {}, "centre_first": set()}
 
 
+def _centered_and_mean(x, label, backend, workspace, slot):
+    """``(x - column means in the compute dtype, float64 means (d,))``; ValueError naming
+    ``label`` for NaN/inf (detected from the means, so no extra pass over the features)."""
+    dt = compute_dtype(x)
+    out = workspace.get(slot, x.shape, dt, x.device) if workspace is not None else None
+    xc, mean = ops.center_columns(x, out_dtype=dt, out=out, backend=backend)
+    if not bool(torch.isfinite(mean).all()):
+        _raise_nonfinite(x, label)
+    return xc, mean
+
+
 def centered(x: torch.Tensor, label: str = "x", *, backend: str | None = None,
              workspace: Workspace | None = None, slot=None) -> torch.Tensor:
     """(n, d) features minus their column means, in the compute dtype.
@@ -52,12 +63,51 @@ def centered(x: torch.Tensor, label: str = "x", *, backend: str | None = None,
     Raises ValueError naming ``label`` when ``x`` holds NaN or inf (detected from
     the float64 column means, so no extra pass over the features).
     """
-    dt = compute_dtype(x)
-    out = workspace.get(slot, x.shape, dt, x.device) if workspace is not None else None
-    xc, mean = ops.center_columns(x, out_dtype=dt, out=out, backend=backend)
-    if not bool(torch.isfinite(mean).all()):
-        _raise_nonfinite(x, label)
-    return xc
+    return _centered_and_mean(x, label, backend, workspace, slot)[0]
+
+
+def _constant_trace_tol(n: int) -> float:
+    """Relative trace below which a centred Gram may be a constant layer's rounding residue.
+
+    Centring a constant column c leaves x - mean ~ n eps64 |c| (the float64 mean's
+    summation error), not 0, so tr(Xc Xc^T) <= n (n eps64)^2 ||mean||^2. Generous on
+    purpose: a layer under it only pays for the exact test."""
+    return max(1e-20, (16 * n * 2.0 ** -52) ** 2)
+
+
+def _is_constant(g: torch.Tensor, mean: torch.Tensor, x: torch.Tensor) -> bool:
+    """Is the layer behind the centred Gram ``g`` exactly constant (every row equal)?
+
+    The O(n) trace test runs on every call; the exact ``x == x[0]`` pass only when the
+    trace is at the rounding level of the means (``_constant_trace_tol``)."""
+    n = x.shape[0]
+    tr, m2 = torch.stack([g.diagonal().sum(dtype=torch.float64), mean @ mean]).tolist()
+    if not tr <= _constant_trace_tol(n) * n * m2:
+        return False
+    return bool((x == x[:1]).all())
+
+
+def centered_gram(x: torch.Tensor, label: str = "x", *, backend: str | None = None,
+                  workspace: Workspace | None = None, slot=None) -> torch.Tensor:
+    """Gram of the column-centred features, (n, n) in the compute dtype.
+
+    Exactly zero for an exactly constant layer, so that its self-HSIC is 0 and its
+    CKA NaN with a warning: centring alone leaves ~1e-17 residues, whose Gram gives
+    finite garbage (a CKA of -0.05 for a constant float64 layer)."""
+    xc, mean = _centered_and_mean(x, label, backend, workspace, slot)
+    g = symmetric_gram(xc)
+    if _is_constant(g, mean, x):
+        g.zero_()
+    return g
+
+
+def centred_float64(x: torch.Tensor) -> torch.Tensor:
+    """(n, d) float64 features minus their column means, exactly 0 in exactly constant
+    columns (whose centring would leave rounding residues). For the feature-space and
+    spectrum paths, whose O(n d^2) cost dwarfs this O(n d) min/max."""
+    x64 = x.to(torch.float64)
+    lo, hi = torch.aminmax(x64, dim=0)
+    return (x64 - x64.mean(0)).masked_fill_((lo == hi)[None, :], 0.0)
 
 
 def _row_blocks(n: int) -> int:
@@ -163,7 +213,7 @@ def linear_gram(x: torch.Tensor, label: str = "x", *, backend=None, workspace=No
             return g
         if workspace is not None:
             workspace.centre_first.add(slot)
-    return symmetric_gram(centered(x, label, backend=backend, workspace=workspace, slot=slot))
+    return centered_gram(x, label, backend=backend, workspace=workspace, slot=slot)
 
 
 def rbf_gram(x: torch.Tensor, threshold: float, label: str = "x", *, backend=None, workspace=None, slot=None):
@@ -202,7 +252,7 @@ def stacked_centered_grams(layers, labels, *, unbiased: bool, kernel: str = "lin
         kw = dict(backend=backend, workspace=workspace, slot=f"{slot_prefix}{i}")
         if kernel == "linear":
             if not _raw_epilogue_ok(x, label, F[i], unbiased, **kw):
-                g = symmetric_gram(centered(x, label, **kw))
+                g = centered_gram(x, label, **kw)
                 ops.gram_epilogue(g, unbiased=unbiased, out=F[i], backend=backend)
             continue
         g = rbf_gram(x, threshold, label, **kw)

@@ -33,11 +33,10 @@ def _helper(xty, a, b, n):
 
 
 def _linear_cka_feature_space(x, y, debiased):
-    """Feature-space form on centred float64 features: O(n d_x d_y)."""
-    xc = x.to(torch.float64)
-    yc = y.to(torch.float64)
-    xc = xc - xc.mean(0)
-    yc = yc - yc.mean(0)
+    """Feature-space form on centred float64 features: O(n d_x d_y). Exactly constant
+    columns are centred to exact zeros (a constant layer: NaN with a warning)."""
+    xc = _grams.centred_float64(x)
+    yc = _grams.centred_float64(y)
     xy = torch.linalg.matrix_norm(xc.T @ yc) ** 2
     xx = torch.linalg.matrix_norm(xc.T @ xc) ** 2
     yy = torch.linalg.matrix_norm(yc.T @ yc) ** 2

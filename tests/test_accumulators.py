@@ -1,6 +1,7 @@
 """MinibatchCKA / ExactCKA: streaming == one-shot, merge, state, pickle, reset, gloo sync."""
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hierfast.stats import ExactCKA, MinibatchCKA, cka_matrix, linear_cka
-from cka_reference import minibatch_cka
+from cka_reference import cka, gram_linear, minibatch_cka
 
 
 def _layers(n, seed=0, dtype=torch.float64):
@@ -203,3 +204,68 @@ def test_sync_without_distributed_is_noop():
     before = acc.compute()
     assert acc.sync() is acc
     torch.testing.assert_close(acc.compute(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls,kw", [(ExactCKA, {}), (ExactCKA, {"debiased": True}), (MinibatchCKA, {})])
+def test_exactly_constant_layer_is_nan_with_warning(cls, kw, dtype):
+    from hierfast.stats import ConstantLayerWarning
+
+    g = torch.Generator().manual_seed(0)
+    for value in (0.1, 0.3, 1 / 3, 1000.1):
+        acc = cls(**kw)
+        for _ in range(2):
+            y = torch.randn(37, 3, generator=g, dtype=torch.float64).to(dtype)
+            acc.update({"c": torch.full((37, 3), value, dtype=dtype), "y": y})
+        with pytest.warns(ConstantLayerWarning, match="c"):
+            m = acc.compute()
+        assert torch.isnan(m[0]).all() and torch.isnan(m[:, 0]).all() and torch.isfinite(m[1, 1])
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_exact_shared_offset_matches_full_batch(debiased):
+    # raw moments cancelled: batches of X + 1e4, Y - 1e4 gave 1.2457 for a true 0.3392
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(57, 6, generator=g, dtype=torch.float64)
+    y = x[:, :3] @ torch.randn(3, 4, generator=g, dtype=torch.float64) + torch.randn(57, 4, generator=g,
+                                                                                   dtype=torch.float64)
+    ref = cka(gram_linear(x.numpy()), gram_linear(y.numpy()), debiased)
+    for cuts in ([0, 57], [0, 19, 38, 57]):
+        acc = ExactCKA(debiased=debiased)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            acc.update([x[a:b] + 1e4], [y[a:b] - 1e4])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no false constant-layer warning
+            assert acc.compute().item() == pytest.approx(ref, abs=1e-9)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_exact_merge_of_states_with_different_references(debiased):
+    fa, fb = _layers(96)
+    fa = [t + 300.0 for t in fa]  # shards' first-batch means differ
+    ref = ExactCKA(debiased=debiased)
+    shards = [ExactCKA(debiased=debiased), ExactCKA(debiased=debiased)]
+    single = [ExactCKA(debiased=debiased), ExactCKA(debiased=debiased)]
+    for k, (ba, bb) in enumerate(zip(_batches(fa, 16), _batches(fb, 16))):
+        ref.update(ba, bb)
+        shards[k % 2].update(ba, bb)
+        single[k % 2].update(ba)
+    assert not torch.equal(shards[0].shift_a, shards[1].shift_a)
+    restored = ExactCKA(debiased=debiased).load_state_dict(pickle.loads(pickle.dumps(shards[1].state_dict())))
+    merged = shards[0].clone().merge(restored)
+    torch.testing.assert_close(merged.compute(), ref.compute(), atol=1e-10, rtol=0)
+    whole = cka_matrix(fa, debiased=debiased)
+    torch.testing.assert_close(single[0].clone().merge(single[1]).compute(), whole, atol=1e-10, rtol=0)
+
+
+def test_exact_state_keeps_the_estimator():
+    fa, fb = _layers(32)
+    acc = ExactCKA(debiased=True)
+    acc.update(fa, fb)
+    with pytest.raises(ValueError, match="debiased=True"):
+        ExactCKA().load_state_dict(acc.state_dict())
+    with pytest.raises(ValueError, match="same estimator"):
+        biased = ExactCKA()
+        biased.update(fa, fb)
+        biased.merge(acc)
+    torch.testing.assert_close(ExactCKA(debiased=True).load_state_dict(acc.state_dict()).compute(), acc.compute())

@@ -101,3 +101,70 @@ def test_two_nearest_on_continuous_data(n, d, dtype):
     torch.testing.assert_close(r1, ref[:, 0], atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(r2, ref[:, 1], atol=1e-9, rtol=1e-9)
     assert r1[1] == 0 and r1[3] == 0
+
+
+def _twonn_reference(x, fraction):
+    """Plain float64 TwoNN: cdist, ties (r2 = r1 up to 1e-9) and duplicates out, F = i/N on at most N - 1."""
+    import math
+
+    d = torch.cdist(x.double(), x.double())
+    d.fill_diagonal_(float("inf"))
+    r = d.sort(1).values
+    keep = (r[:, 0] > 0) & (r[:, 1] > r[:, 0] * (1 + 1e-9))
+    mu = (r[keep, 1] / r[keep, 0]).sort().values
+    n = mu.numel()
+    m = min(n - 1, int(math.floor(fraction * n)))
+    lx = mu[:m].log()
+    ly = -torch.log1p(-torch.arange(1, m + 1, dtype=torch.float64) / n)
+    return float((lx * ly).sum() / (lx * lx).sum())
+
+
+def test_twonn_fraction_one_is_finite():
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean, _ = twonn(x, fraction=1.0, resamples=1)  # was inf: F = N/N -> -log(0)
+    assert mean == pytest.approx(_twonn_reference(x, 1.0), rel=1e-9)
+
+
+def test_twonn_on_tied_distances_raises_a_clear_error():
+    grid = torch.cartesian_prod(torch.arange(6.0), torch.arange(6.0))
+    t = torch.linspace(0, 2 * torch.pi, 41, dtype=torch.float64)[:-1]
+    circle = torch.stack([t.cos(), t.sin()], 1)  # was 2e15 (mu - 1 ~ 1e-16 not seen as a tie)
+    for x in (grid, circle):
+        with pytest.raises(ValueError, match="tied distances"):
+            twonn(x, resamples=1)
+    with pytest.raises(ValueError, match="duplicates"):
+        twonn(torch.full((20, 3), 0.1), resamples=1)
+
+
+def test_constant_layer_spectrum_is_nan_with_warning():
+    from hierfast.stats import ConstantLayerWarning
+
+    for dtype in (torch.float64, torch.float32):
+        x = torch.full((37, 3), 0.1, dtype=dtype)  # centring residues gave PR 1.0, erank 1.0000001
+        with pytest.warns(ConstantLayerWarning):
+            assert participation_ratio(x) != participation_ratio(x)
+        with pytest.warns(ConstantLayerWarning):
+            assert effective_rank(x) != effective_rank(x)
+
+
+def test_accumulator_survives_a_constant_layer_and_large_offsets():
+    from hierfast.stats.dimension import merge_states
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(500, 6, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 1, 0.5, 0.1],
+                                                                              dtype=torch.float64)
+    dead = torch.full((500, 4), 0.1, dtype=torch.float64)
+    lam = torch.linalg.eigvalsh(torch.cov(z.T))
+    ref_pr = float(lam.sum() ** 2 / (lam ** 2).sum())
+    shards = [DimensionAccumulator(reservoir=600, resamples=1) for _ in range(2)]
+    for i in range(0, 500, 100):
+        shards[(i // 100) % 2].update({"z": z[i:i + 100] + 1e7, "dead": dead[i:i + 100]})
+    merged = DimensionAccumulator(reservoir=600, resamples=1).load_state_dict(
+        merge_states([s.state_dict() for s in shards]))
+    for acc in (shards[0], merged):
+        with pytest.warns(RuntimeWarning, match="dead") as rec:
+            r = acc.compute()
+        assert any("TwoNN" in str(w.message) for w in rec)
+        assert r["twonn"][1] != r["twonn"][1] and r["participation_ratio"][1] != r["participation_ratio"][1]
+        assert r["twonn"][0] == r["twonn"][0]
+    assert merged.compute()["participation_ratio"][0].item() == pytest.approx(ref_pr, rel=1e-9)  # was 2.33203

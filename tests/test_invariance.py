@@ -173,3 +173,46 @@ def test_bad_input():
     acc.update([ft], [ft2], [fr])
     with pytest.raises(ValueError, match="layout"):
         acc.update([ft], None, [fr])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exactly_constant_layer_is_nan_with_warning(dtype):
+    # raw Σf² - (Σf)²/n cancelled: a constant layer's NIS came out as -1.13e17
+    y = torch.randn(37, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    for value in (0.1, 0.3, 1 / 3, 7.7):
+        c = torch.full((37, 3), value, dtype=dtype)
+        with pytest.warns(ConstantLayerWarning, match="layer"):
+            assert torch.isnan(normalized_invariance(y, None, c))
+        acc = InvarianceAccumulator(cka=False)
+        acc.update({"c": c[:20], "y": y[:20]}, None, {"c": c[:20], "y": y[:20]})
+        acc.update({"c": c[20:], "y": y[20:] + 0.1}, None, {"c": c[20:], "y": y[20:]})
+        with pytest.warns(ConstantLayerWarning, match="c"):
+            nis = acc.compute()["nis"]
+        assert torch.isnan(nis[0]) and torch.isfinite(nis[1])
+
+
+def test_large_offset_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    for offset, std in ((1e4, 1e-3), (1e8, 1.0)):
+        fr = offset + std * torch.randn(1000, 4, generator=g, dtype=torch.float64)
+        ft = fr + 0.1 * std * torch.randn(1000, 4, generator=g, dtype=torch.float64)
+        ref = _nis_reference(ft, fr, fr - offset)  # the reference's own pairs: offset-free
+        assert normalized_invariance(ft, None, fr).item() == pytest.approx(ref.item(), abs=1e-9)
+
+
+def test_merge_and_state_of_shards_with_different_references():
+    ft, ft2, fr = _views(n=90, shape=(5,))
+    fr, ft, ft2 = fr + 1e6, ft + 1e6, ft2 + 1e6
+    one = InvarianceAccumulator(per_unit=True, cka=False)
+    one.update([ft], [ft2], [fr])
+    parts = [InvarianceAccumulator(per_unit=True, cka=False) for _ in range(2)]
+    for k, p in enumerate(parts):
+        sl = slice(45 * k, 45 * (k + 1))
+        p.update([ft[sl]], [ft2[sl]], [fr[sl]])
+    assert not torch.equal(parts[0].shift, parts[1].shift)
+    restored = InvarianceAccumulator().load_state_dict(pickle.loads(pickle.dumps(parts[1].state_dict())))
+    merged = parts[0].clone().merge(restored)
+    ref = _nis_reference(ft, ft2, fr - 1e6)
+    for acc in (one, merged):
+        assert acc.compute()["nis"][0].item() == pytest.approx(ref.item(), abs=1e-9)
+    torch.testing.assert_close(merged.compute()["per_unit"][0], one.compute()["per_unit"][0], atol=1e-9, rtol=0)

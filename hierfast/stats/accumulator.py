@@ -4,6 +4,12 @@ torchmetrics-style (update / compute / reset), plus ``merge`` (add another
 accumulator's sums), ``state_dict`` / ``load_state_dict`` (checkpoints), and
 ``sync(group)``: one ``torch.distributed.all_reduce(SUM)`` of all summed states
 packed into a single float64 buffer (DESIGN.md principle 5).
+
+Sums of raw moments cancel catastrophically when a feature's mean is large against
+its spread (a constant layer's variance comes out as -1e17 instead of 0). Subclasses
+that need moments therefore accumulate *shifted* sums, of x - s with a per-feature
+reference s fixed by the first batch (:func:`reference_shift`); ``merge`` and ``sync``
+re-express another state about this state's reference before adding.
 """
 from __future__ import annotations
 
@@ -12,12 +18,25 @@ import copy
 import torch
 
 
+def reference_shift(x64: torch.Tensor) -> torch.Tensor:
+    """Reference point ``(d,)`` float64 for shifted sums, from a first ``(n, d)`` float64 batch.
+
+    The column means, except that a column constant in this batch gets its exact
+    value: a feature constant over the whole stream then sums exact zeros (variance
+    exactly 0, not a rounding residue)."""
+    lo, hi = torch.aminmax(x64, dim=0)
+    return torch.where(lo == hi, lo, x64.mean(0))
+
+
 class Accumulator:
     """Subclasses declare ``_sum_states`` (names of tensor attributes that add up) and
-    ``_meta_keys`` (layout attributes that must agree before states can be added)."""
+    ``_meta_keys`` (layout attributes that must agree before states can be added) and,
+    for shifted sums, ``_shift_states`` (reference points: saved, never added) with
+    ``_reshift(shifts)``, which re-expresses the sums about new reference points."""
 
     _sum_states: tuple[str, ...] = ()
     _meta_keys: tuple[str, ...] = ()
+    _shift_states: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.reset()
@@ -27,7 +46,7 @@ class Accumulator:
         """Forget everything: the next ``update`` sets the layout again."""
         for k in self._sum_states:
             setattr(self, k, None)
-        for k in self._meta_keys:
+        for k in (*self._meta_keys, *self._shift_states):
             setattr(self, k, None)
 
     @property
@@ -61,6 +80,9 @@ class Accumulator:
             self.load_state_dict(other.state_dict())
             return self
         self._check_compatible(other)
+        if self._shift_states:  # other's sums about this state's reference points
+            other = other.clone()
+            other._reshift([getattr(self, k).to(getattr(other, k).device) for k in self._shift_states])
         for k in self._sum_states:
             mine = getattr(self, k)
             mine.add_(getattr(other, k).to(mine.device))
@@ -70,7 +92,7 @@ class Accumulator:
     def state_dict(self) -> dict:
         """Tensors (on CPU) and layout metadata; ``torch.save``-able."""
         self._require_data("state_dict")
-        out = {k: getattr(self, k).detach().cpu().clone() for k in self._sum_states}
+        out = {k: getattr(self, k).detach().cpu().clone() for k in (*self._sum_states, *self._shift_states)}
         out.update(self._meta())
         out["__class__"] = type(self).__name__
         return out
@@ -89,7 +111,13 @@ class Accumulator:
             setattr(self, k, state[k].to(device=device, dtype=torch.float64).clone())
         for k in self._meta_keys:
             setattr(self, k, copy.deepcopy(state[k]))
+        for k in self._shift_states:  # absent from states saved before shifted sums: None (raw sums)
+            v = state.get(k)
+            setattr(self, k, None if v is None else v.to(device=device, dtype=torch.float64).clone())
         return self
+
+    def _reshift(self, shifts: list[torch.Tensor]) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def _device(self) -> torch.device:
         for k in self._sum_states:
@@ -110,6 +138,11 @@ class Accumulator:
         if not (dist.is_available() and dist.is_initialized()):
             return self
         self._require_data("sync")
+        if self._shift_states:  # every rank re-expresses its sums about the first rank's reference
+            shifts = [getattr(self, k) for k in self._shift_states]
+            flat = torch.cat([t.reshape(-1) for t in shifts])
+            dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+            self._reshift(list(flat.split([t.numel() for t in shifts])))
         tensors = [getattr(self, k) for k in self._sum_states]
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)

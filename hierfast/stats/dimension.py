@@ -3,13 +3,16 @@
 * :func:`twonn` — intrinsic dimension by TwoNN (Facco et al. 2017, Sci. Rep. 7:12140): for
   each point mu = r2/r1 (second over first nearest-neighbour distance); a line through the
   origin of -log(1 - F(mu)) against log mu, F(mu_(i)) = i/N, fitted on the lowest
-  ``fraction`` of mu. Ansuini et al. 2019 protocol: mean ± sd over ``resamples`` random 90 %
+  ``fraction`` of mu (at most N - 1 points: F = N/N would put the last at -log 0 = inf).
+  Points whose r1 = 0 (duplicates) or mu = 1 (tied distances, up to 1e-12) are left out,
+  as in Ansuini et al.'s code. Ansuini et al. 2019 protocol: mean ± sd over ``resamples`` random 90 %
   subsets (the issue fixes 10 resamples; Ansuini used 50).
 * :func:`participation_ratio` — (Σλ)²/Σλ² of the covariance eigenvalues (Gao et al. 2017).
 * :func:`effective_rank` — exp(entropy of p_k = σ_k/Σσ), σ the singular values of the centred
   data (Roy & Vetterli 2007).
 * :class:`DimensionAccumulator` — streaming: a seeded reservoir sample per layer (Vitter 1985)
-  for TwoNN, and streamed float64 covariance sums for PR / effective rank.
+  for TwoNN, and streamed float64 covariance sums (shifted by the first batch's means, so an
+  offset does not cancel them away) for PR / effective rank.
 
 Nearest neighbours come from the fused 2-NN kernel (:func:`hierfast.ops.knn2`), so the n x n
 distance matrix is never held in memory.
@@ -21,7 +24,10 @@ import warnings
 
 import torch
 
+from ._grams import centred_float64
 from ._identity import uniform01
+from ._normalize import ConstantLayerWarning
+from .accumulator import reference_shift
 from ..ops.knn2 import knn2
 from ._validate import as_features, as_layers, layer_label
 
@@ -37,27 +43,42 @@ def two_nearest(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r1, r2
 
 
+# mu = r2/r1 at most this far above 1 is a tie r1 = r2 (equal distances computed with rounding,
+# e.g. on a grid or a circle): log mu ~ 1e-16 would dominate the fit through the origin
+_TIE = 1e-12
+
+
 def _twonn_fit(x: torch.Tensor, fraction: float) -> tuple[float, int]:
-    """One TwoNN estimate; returns (dimension, number of duplicate points dropped)."""
+    """One TwoNN estimate; returns (dimension, number of points left out: duplicates and ties).
+
+    Raises ValueError when fewer than 3 points have distinct first and second
+    nearest-neighbour distances (duplicated rows, a constant layer, a grid)."""
     r1, r2 = two_nearest(x)
-    keep = r1 > 0  # duplicates (r1 = 0) make mu infinite: dropped, as Ansuini et al.'s code does
-    mu = torch.sqrt(r2[keep] / r1[keep])
-    mu = mu[mu > 1.0] if bool((mu > 1.0).any()) else mu
+    dup = r1 <= 0  # duplicates (r1 = 0) make mu infinite: dropped, as Ansuini et al.'s code does
+    mu = torch.sqrt(r2[~dup] / r1[~dup])
+    tie = mu <= 1.0 + _TIE
+    mu = mu[~tie]
     n = mu.numel()
     if n < 3:
-        raise ValueError(f"TwoNN: only {n} usable points (distinct nearest-neighbour distances); pass more samples")
+        raise ValueError(
+            f"TwoNN is undefined for this data: only {n} of {x.shape[0]} points have distinct first and second "
+            f"nearest-neighbour distances ({int(dup.sum())} are exact duplicates of another point, "
+            f"{int(tie.sum())} have tied distances r1 = r2, as on a grid or for a constant layer); "
+            "it needs at least 3")
     mu, _ = torch.sort(mu)
-    m = max(2, int(math.floor(fraction * n)))
+    m = min(n - 1, max(2, int(math.floor(fraction * n))))  # F = n/n is -log(0): the last point never fits
     lx = torch.log(mu[:m])
     ly = -torch.log1p(-torch.arange(1, m + 1, dtype=torch.float64, device=mu.device) / n)
-    return float((lx * ly).sum() / (lx * lx).sum()), int((~keep).sum())
+    return float((lx * ly).sum() / (lx * lx).sum()), x.shape[0] - n
 
 
 def twonn(x, *, fraction: float = 0.9, resamples: int = 10, seed: int = 0) -> tuple[float, float]:
     """TwoNN intrinsic dimension of ``x`` ``(n, ...)``: ``(mean, sd)`` over ``resamples``
-    random 90 % subsets (``resamples=1``: the full data, sd 0).
+    random 90 % subsets (``resamples=1``: the full data, sd 0). ``fraction``: share of the
+    sorted mu fitted (1.0 fits all but the largest, whose F = 1 has no finite -log(1 - F)).
 
-    Raises ValueError for n < 8, NaN/inf, or ``fraction`` outside (0, 1]."""
+    Raises ValueError for n < 8, NaN/inf, ``fraction`` outside (0, 1], or data on which
+    TwoNN is undefined (fewer than 3 points with distinct nearest-neighbour distances)."""
     x = as_features(x, "x", min_n=8)
     if not 0.0 < float(fraction) <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
@@ -72,15 +93,15 @@ def twonn(x, *, fraction: float = 0.9, resamples: int = 10, seed: int = 0) -> tu
         dims = [_twonn_fit(x[torch.randperm(n, generator=g)[:k].to(x.device)], fraction) for _ in range(resamples)]
     dup = max(d for _, d in dims)
     if dup > 0.01 * n:
-        warnings.warn(f"TwoNN: {dup} of {n} points have an exact duplicate and were left out", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"TwoNN: {dup} of {n} points have an exact duplicate or tied nearest-neighbour distances "
+                      "and were left out", RuntimeWarning, stacklevel=2)
     v = torch.tensor([d for d, _ in dims], dtype=torch.float64)
     return float(v.mean()), float(v.std(unbiased=True)) if resamples > 1 else 0.0
 
 
 def _spectrum(x: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (>= 0) of the covariance of the rows of x (from the Gram when n < d)."""
-    xc = x.to(torch.float64) - x.to(torch.float64).mean(0)
+    xc = centred_float64(x)  # exact zeros in constant columns: a constant layer's spectrum is exactly 0
     m = xc @ xc.T if xc.shape[0] < xc.shape[1] else xc.T @ xc
     return torch.linalg.eigvalsh(m).clamp_min(0.0) / max(x.shape[0] - 1, 1)
 
@@ -99,14 +120,41 @@ def _erank(lam: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _warn_if_constant(value: float, name: str, what: str, stacklevel: int) -> float:
+    if math.isnan(value):
+        warnings.warn(f"the constant (zero-variance) layer {name} has no defined {what}: NaN",
+                      ConstantLayerWarning, stacklevel=stacklevel + 1)
+    return value
+
+
 def participation_ratio(x) -> float:
-    """(Σλ)²/Σλ² of the covariance eigenvalues of ``x`` ``(n, ...)``; NaN for a constant layer."""
-    return _pr(_spectrum(as_features(x, "x", min_n=2)))
+    """(Σλ)²/Σλ² of the covariance eigenvalues of ``x`` ``(n, ...)``; NaN with a
+    :class:`ConstantLayerWarning` for a constant layer."""
+    return _warn_if_constant(_pr(_spectrum(as_features(x, "x", min_n=2))), "x", "the participation ratio", 2)
 
 
 def effective_rank(x) -> float:
-    """Roy & Vetterli effective rank exp(H(σ/Σσ)) of the centred ``x`` ``(n, ...)``; NaN if constant."""
-    return _erank(_spectrum(as_features(x, "x", min_n=2)))
+    """Roy & Vetterli effective rank exp(H(σ/Σσ)) of the centred ``x`` ``(n, ...)``; NaN with a
+    :class:`ConstantLayerWarning` if constant."""
+    return _warn_if_constant(_erank(_spectrum(as_features(x, "x", min_n=2))), "x", "the effective rank", 2)
+
+
+def _covariance(sums) -> torch.Tensor:
+    """Unbiased (d, d) covariance from shifted sums (n, Σ(x - s), Σ(x - s)(x - s)^T, s)."""
+    n, sx, sxx = sums[:3]
+    return (sxx - torch.outer(sx, sx) / n) / max(float(n) - 1, 1.0)
+
+
+def _reshift(sums, shift: torch.Tensor) -> tuple:
+    """The same sums about the reference ``shift``: x - s' = (x - s) - d, d = s' - s."""
+    n, sx, sxx, old = sums
+    d = shift - old
+    return (n, sx - n * d, sxx - torch.outer(sx, d) - torch.outer(d, sx) + n * torch.outer(d, d), shift.clone())
+
+
+def _with_shift(sums):
+    """4-tuple sums; a 3-tuple from a state saved before shifted sums is about 0."""
+    return sums if sums is None or len(sums) == 4 else (*sums, torch.zeros_like(sums[1]))
 
 
 class DimensionAccumulator:
@@ -148,7 +196,8 @@ class DimensionAccumulator:
             self.names = names
             self.samples = [x.new_zeros(0, x.shape[1]) for x in xs]
             self.sums = [(torch.zeros((), dtype=torch.float64), x.new_zeros(x.shape[1]),
-                          x.new_zeros(x.shape[1], x.shape[1])) if x.shape[1] <= self.max_dim else None for x in xs]
+                          x.new_zeros(x.shape[1], x.shape[1]), reference_shift(x))
+                         if x.shape[1] <= self.max_dim else None for x in xs]
         elif len(xs) != len(self.samples) or any(x.shape[1] != s.shape[1] for x, s in zip(xs, self.samples)):
             raise ValueError("this batch's layers differ from the first batch's; pass the same layers every time")
         pos = torch.arange(self.seen, self.seen + b)
@@ -162,29 +211,38 @@ class DimensionAccumulator:
                 s[int(slot[r])] = x[r]
             self.samples[i] = s
             if self.sums[i] is not None:
-                n, sx, sxx = self.sums[i]
-                self.sums[i] = (n + b, sx + x.sum(0), sxx + x.T @ x)
+                n, sx, sxx, shift = self.sums[i]
+                xs_ = x - shift
+                self.sums[i] = (n + b, sx + xs_.sum(0), sxx + xs_.T @ xs_, shift)
         self.seen += b
 
     def compute(self) -> dict:
         if not self.samples:
             raise ValueError("DimensionAccumulator.compute() called before any update(): feed at least one batch")
         out = {k: [] for k in ("twonn", "twonn_sd", "participation_ratio", "effective_rank")}
-        for s, sums in zip(self.samples, self.sums):
-            m, sd = twonn(s, fraction=self.fraction, resamples=self.resamples, seed=self.seed)
-            if sums is not None:
-                n, sx, sxx = sums
-                cov = (sxx - torch.outer(sx, sx) / n) / max(float(n) - 1, 1.0)
-                lam = torch.linalg.eigvalsh(cov).clamp_min(0.0)
-            else:
-                lam = _spectrum(s)
+        layers = self.names or [f"feats[{i}]" for i in range(len(self.samples))]
+        for name, s, sums in zip(layers, self.samples, self.sums):
+            m, sd = self._twonn(name, s)
+            lam = torch.linalg.eigvalsh(_covariance(sums)).clamp_min(0.0) if sums is not None else _spectrum(s)
+            pr, er = _pr(lam), _erank(lam)
+            _warn_if_constant(pr, name, "the participation ratio and effective rank", 2)
             out["twonn"].append(m)
             out["twonn_sd"].append(sd)
-            out["participation_ratio"].append(_pr(lam))
-            out["effective_rank"].append(_erank(lam))
+            out["participation_ratio"].append(pr)
+            out["effective_rank"].append(er)
         res = {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
-        res["layers"] = self.names or [f"feats[{i}]" for i in range(len(self.samples))]
+        res["layers"] = layers
         return res
+
+    def _twonn(self, name: str, s: torch.Tensor) -> tuple[float, float]:
+        """TwoNN of one layer's reservoir; NaN with a RuntimeWarning naming the layer where it is
+        undefined (a dead or constant layer: every point a duplicate), so that one such layer
+        does not abort the whole analysis."""
+        try:
+            return twonn(s, fraction=self.fraction, resamples=self.resamples, seed=self.seed)
+        except ValueError as e:
+            warnings.warn(f"layer {name}: {e}; its twonn is NaN", RuntimeWarning, stacklevel=3)
+            return float("nan"), float("nan")
 
     def state_dict(self) -> dict:
         return {"names": self.names, "seen": self.seen, "samples": [s.clone() for s in self.samples],
@@ -193,16 +251,22 @@ class DimensionAccumulator:
     def load_state_dict(self, state: dict) -> "DimensionAccumulator":
         self.names, self.seen = state["names"], state["seen"]
         self.samples = [s.clone() for s in state["samples"]]
-        self.sums = [None if t is None else tuple(v.clone() for v in t) for t in state["sums"]]
+        self.sums = [None if t is None else tuple(v.clone() for v in _with_shift(t)) for t in state["sums"]]
         return self
 
 
 def merge_states(states: list[dict]) -> dict:
     """Combine the states of accumulators that saw disjoint shards (e.g. one per rank):
-    reservoirs are concatenated (TwoNN then runs on the union) and sums added."""
+    reservoirs are concatenated (TwoNN then runs on the union) and sums added, each first
+    re-expressed about the first state's reference point."""
     base = {"names": states[0]["names"], "seen": sum(s["seen"] for s in states), "samples": [], "sums": []}
     for i in range(len(states[0]["samples"])):
         base["samples"].append(torch.cat([s["samples"][i] for s in states]))
-        sums = [s["sums"][i] for s in states]
-        base["sums"].append(None if sums[0] is None else tuple(sum(v) for v in zip(*sums)))
+        sums = [_with_shift(s["sums"][i]) for s in states]
+        if sums[0] is None:
+            base["sums"].append(None)
+            continue
+        ref = sums[0][3]
+        sums = [_reshift(t, ref.to(t[1].device)) for t in sums]
+        base["sums"].append((*(sum(v) for v in zip(*(t[:3] for t in sums))), ref.clone()))
     return base

@@ -10,8 +10,11 @@ constant column, Z = [x_1 .. x_L | ||x_1||^2 .. ||x_L||^2 | 1], and the state is
 sum_i z_i z_i^T (for two models: Z_a^T Z_b plus each layer's own block). Every
 moment the estimator needs is a block of these sums:
 n, Σx, Σxx^T, Σxy^T, Σ||x||^2 y, Σ||x||^2||y||^2, Σ||x||^4, ...
-Sums are raw (about zero) in float64: accurate while |mean| / std of a feature stays
-below ~1e3 (relative error ~ 1e-16 (|mean|/std)^4 in the debiased correction).
+Sums are of features shifted by a per-layer reference (the first batch's column
+means, :func:`~hierfast.stats.accumulator.reference_shift`): raw sums lose
+~1e-16 (|mean|/std)^4 to cancellation in the debiased correction (an offset of 1e4
+gave 1.25 for a true 0.34). CKA is shift-invariant, so the shift changes nothing else;
+merging states with different references converts one exactly (z -> A z below).
 """
 from __future__ import annotations
 
@@ -19,14 +22,13 @@ import torch
 
 from ._normalize import cka_from_hsic, label_matrix
 from ._validate import as_features, as_layers, check_same_batch, layer_label
-from .accumulator import Accumulator
+from .accumulator import Accumulator, reference_shift
 
 _GIB = 1024 ** 3
 
 
-def _augmented(xs: list[torch.Tensor]) -> torch.Tensor:
-    """[x_1 .. x_L | q_1 .. q_L | 1] in float64, q_l = squared row norms of layer l."""
-    x64 = [x.to(torch.float64) for x in xs]
+def _augmented(x64: list[torch.Tensor]) -> torch.Tensor:
+    """[x_1 .. x_L | q_1 .. q_L | 1] of float64 layers, q_l = squared row norms of layer l."""
     q = torch.stack([(x * x).sum(1) for x in x64], dim=1)
     one = torch.ones(x64[0].shape[0], 1, dtype=torch.float64, device=x64[0].device)
     return torch.cat([*x64, q, one], dim=1)
@@ -48,6 +50,17 @@ class _Layout:
     def own(self, i: int) -> "_Layout":
         """Layout of the per-layer block [x_i | q_i | 1]."""
         return _Layout([self.dims[i]])
+
+    def shift_map(self, delta: torch.Tensor) -> torch.Tensor:
+        """(width, width) A with z(x - delta) = A z(x), delta the concatenated per-layer shifts:
+        x' = x - d 1, q' = q - 2 d.x + ||d||^2 1. Sums of z z^T convert as A S A^T."""
+        A = torch.eye(self.width, dtype=torch.float64, device=delta.device)
+        for f, q in zip(self.feat, self.q):
+            d = delta[f]
+            A[f, self.one] = -d
+            A[q, f] = -2.0 * d
+            A[q, self.one] = d @ d
+        return A
 
 
 def _moments(M, la: _Layout, i: int, lb: _Layout, j: int):
@@ -113,6 +126,7 @@ class ExactCKA(Accumulator):
 
     _sum_states = ("moments", "own_a", "own_b")
     _meta_keys = ("names_a", "names_b", "dims_a", "dims_b", "cross")
+    _shift_states = ("shift_a", "shift_b")  # per-layer references, concatenated
 
     def __init__(self, debiased: bool = False, max_memory: int = 2 * _GIB) -> None:
         if not isinstance(max_memory, int) or max_memory <= 0:
@@ -156,12 +170,19 @@ class ExactCKA(Accumulator):
                 raise ValueError(f"this batch's layers {layout} differ from the first batch's {self._meta()}")
         else:
             self._check_memory(layout["dims_a"], layout["dims_b"], cross)
-        Za = _augmented(xs_a)
+        x64_a = [x.to(torch.float64) for x in xs_a]
+        x64_b = [x.to(torch.float64) for x in xs_b]
+        if not self.initialized:
+            empty = torch.zeros(0, dtype=torch.float64, device=xs_a[0].device)
+            self.shift_a = torch.cat([reference_shift(x) for x in x64_a])
+            self.shift_b = torch.cat([reference_shift(x) for x in x64_b]) if cross else empty
+        xa = self._shifted(x64_a, self.shift_a)
+        xb = self._shifted(x64_b, self.shift_b)
+        Za = _augmented(xa)
         if cross:
-            Zb = _augmented(xs_b)
-            moments = Za.T @ Zb
-            own_a = torch.cat([self._own_block(x).reshape(-1) for x in xs_a])
-            own_b = torch.cat([self._own_block(x).reshape(-1) for x in xs_b])
+            moments = Za.T @ _augmented(xb)
+            own_a = torch.cat([self._own_block(x).reshape(-1) for x in xa])
+            own_b = torch.cat([self._own_block(x).reshape(-1) for x in xb])
         else:
             moments = Za.T @ Za
             own_a = own_b = torch.zeros(0, dtype=torch.float64, device=Za.device)
@@ -169,14 +190,71 @@ class ExactCKA(Accumulator):
             for k, v in layout.items():
                 setattr(self, k, v)
             self.moments, self.own_a, self.own_b = moments, own_a, own_b.clone()
+        else:  # the state stays where it is (a checkpoint loaded on the CPU, GPU batches)
+            self.moments += moments.to(self.moments.device)
+            self.own_a += own_a.to(self.own_a.device)
+            self.own_b += own_b.to(self.own_b.device)
+
+    @staticmethod
+    def _shifted(x64: list[torch.Tensor], shift: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer minus its slice of the concatenated reference ``shift``."""
+        out, off = [], 0
+        for x in x64:
+            d = x.shape[1]
+            out.append(x - shift[off:off + d].to(x.device))
+            off += d
+        return out
+
+    def _reshift(self, shifts) -> None:
+        """Re-express every sum about the references ``shifts = [shift_a, shift_b]``."""
+        new_a, new_b = (s.to(self.moments.device) for s in shifts)
+        la = _Layout(self.dims_a)
+        A = la.shift_map(new_a - self.shift_a)
+        if self.cross:
+            lb = _Layout(self.dims_b)
+            B = lb.shift_map(new_b - self.shift_b)
+            self.moments = A @ self.moments @ B.T
+            self.own_a = self._reshift_own(self.own_a, self.dims_a, new_a - self.shift_a)
+            self.own_b = self._reshift_own(self.own_b, self.dims_b, new_b - self.shift_b)
         else:
-            self.moments += moments
-            self.own_a += own_a
-            self.own_b += own_b
+            self.moments = A @ self.moments @ A.T
+        self.shift_a, self.shift_b = new_a.clone(), new_b.clone()
+
+    def _reshift_own(self, flat, dims, delta):
+        out, off = [], 0
+        for B, d in zip(self._unpack_own(flat, dims), dims):
+            A = _Layout([d]).shift_map(delta[off:off + d])
+            out.append((A @ B @ A.T).reshape(-1))
+            off += d
+        return torch.cat(out)
+
+    def _check_compatible(self, other) -> None:
+        super()._check_compatible(other)
+        if other.debiased != self.debiased:
+            raise ValueError(f"cannot merge ExactCKA(debiased={other.debiased}) into "
+                             f"ExactCKA(debiased={self.debiased}): both must use the same estimator")
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["debiased"] = self.debiased
+        return out
+
+    def load_state_dict(self, state: dict) -> "ExactCKA":
+        saved = state.get("debiased") if isinstance(state, dict) else None
+        if saved is not None and bool(saved) != self.debiased:
+            raise ValueError(f"state was saved by ExactCKA(debiased={bool(saved)}) but this is "
+                             f"ExactCKA(debiased={self.debiased}); construct it with debiased={bool(saved)}")
+        super().load_state_dict(state)
+        dev = self.moments.device
+        if self.shift_a is None:  # a state saved before shifted sums: raw sums, reference 0
+            self.shift_a = torch.zeros(sum(self.dims_a), dtype=torch.float64, device=dev)
+        if self.shift_b is None:
+            self.shift_b = torch.zeros(sum(self.dims_b) if self.cross else 0, dtype=torch.float64, device=dev)
+        return self
 
     @staticmethod
     def _own_block(x):
-        z = _augmented([x])
+        z = _augmented([x])  # x: float64, shifted
         return z.T @ z
 
     def _unpack_own(self, flat, dims):

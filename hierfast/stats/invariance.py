@@ -23,7 +23,7 @@ import torch
 
 from ._normalize import ConstantLayerWarning
 from ._validate import as_features, as_layers, check_same_batch, layer_label
-from .accumulator import Accumulator
+from .accumulator import Accumulator, reference_shift
 from .minibatch_cka import MinibatchCKA
 
 
@@ -73,9 +73,12 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, names, what: str) -> torch.Tens
 class InvarianceAccumulator(Accumulator):
     """Streaming NIS per layer (and per unit), optionally with CKA invariance.
 
-    State (float64 sums, merge by addition): ``n``; per unit Σf, Σf² of the reference
-    features; Σ(f(Tx) - f(x))² (one-sided) and, when a second view is given,
-    Σ(f(Tx) - f(T'x))² (two-view). Layers are concatenated along one axis.
+    State (float64 sums, merge by addition): ``n``; per unit Σ(f - s), Σ(f - s)² of the
+    reference features, shifted by a per-unit reference s fixed by the first batch (raw
+    sums cancel: a constant layer's variance came out as -1e17; a unit constant over the
+    stream now sums exact zeros, so its NIS is NaN with a warning); Σ(f(Tx) - f(x))²
+    (one-sided) and, when a second view is given, Σ(f(Tx) - f(T'x))² (two-view). Layers
+    are concatenated along one axis. ``merge`` / ``sync`` convert other references.
 
     Args:
         per_unit: also return per-unit scores (1 - E Δ_j² / (2 Var f_j)).
@@ -92,6 +95,7 @@ class InvarianceAccumulator(Accumulator):
 
     _sum_states = ("n", "s_f", "s_ff", "s_d1", "s_d2")
     _meta_keys = ("names", "dims", "two_view", "per_unit", "with_cka")
+    _shift_states = ("shift",)
 
     def __init__(self, *, per_unit: bool = False, cka: bool = True) -> None:
         self._per_unit_opt, self._cka_opt = bool(per_unit), bool(cka)
@@ -128,7 +132,9 @@ class InvarianceAccumulator(Accumulator):
         r = torch.cat(ref, dim=1)
         t = torch.cat(ft, dim=1)
         n = torch.tensor([float(r.shape[0])], dtype=torch.float64, device=r.device)
-        s_f, s_ff = r.sum(0), (r * r).sum(0)
+        shift = self.shift.to(r.device) if self.initialized else reference_shift(r)
+        rs = r - shift
+        s_f, s_ff = rs.sum(0), (rs * rs).sum(0)
         s_d1 = ((t - r) ** 2).sum(0)
         s_d2 = ((t - torch.cat(ft2, dim=1)) ** 2).sum(0) if two_view else torch.zeros_like(s_d1)
         _raise_if_nonfinite((s_f, s_ff, s_d1, s_d2),
@@ -142,6 +148,7 @@ class InvarianceAccumulator(Accumulator):
             for k, v in layout.items():
                 setattr(self, k, v)
             self.n, self.s_f, self.s_ff, self.s_d1, self.s_d2 = n, s_f, s_ff, s_d1, s_d2
+            self.shift = shift
         else:
             for k, v in zip(self._sum_states, (n, s_f, s_ff, s_d1, s_d2)):
                 getattr(self, k).add_(v.to(getattr(self, k).device))
@@ -154,6 +161,15 @@ class InvarianceAccumulator(Accumulator):
             self._cka.merge(other._cka)
         return self
 
+    def _reshift(self, shifts) -> None:
+        """Re-express Σ(f - s), Σ(f - s)² about the reference ``shifts[0]`` (f - s' = f - s - d)."""
+        new = shifts[0].to(self.s_f.device)
+        d = new - self.shift
+        n = self.n
+        self.s_ff = self.s_ff - 2.0 * d * self.s_f + n * d * d
+        self.s_f = self.s_f - n * d
+        self.shift = new.clone()
+
     def state_dict(self) -> dict:
         out = super().state_dict()
         if self._cka is not None and self._cka.initialized:
@@ -162,6 +178,8 @@ class InvarianceAccumulator(Accumulator):
 
     def load_state_dict(self, state: dict):
         super().load_state_dict(state)
+        if self.shift is None:  # a state saved before shifted sums: raw sums, reference 0
+            self.shift = torch.zeros_like(self.s_f)
         self._per_unit_opt, self._cka_opt = self.per_unit, self.with_cka
         self._cka = MinibatchCKA() if self.with_cka else None
         if self._cka is not None and "cka_state" in state:
@@ -188,7 +206,8 @@ class InvarianceAccumulator(Accumulator):
         n = self.n.item()
         if n < 2:
             raise ValueError("NIS needs at least 2 samples in total (the covariance divides by n - 1)")
-        var = (self.s_ff - self.s_f ** 2 / n).clamp_min(0) / (n - 1)   # per-unit unbiased variance
+        # per-unit unbiased variance, from the shifted sums (exactly 0 for a constant unit)
+        var = (self.s_ff - self.s_f ** 2 / n).clamp_min(0) / (n - 1)
         names = self.names or [f"layer[{i}]" for i in range(len(self.dims))]
         bounds = torch.tensor([0] + list(self.dims)).cumsum(0).tolist()
 

@@ -173,6 +173,57 @@ def test_track_stats():
     assert layer_stats(fused) == {}
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_track_stats_from_inference_mode_on(backend, monkeypatch):
+    """The first tracked call under inference_mode must not leave an inference tensor behind:
+    later calls outside it add to the same sums."""
+    monkeypatch.setenv("HIERFAST_BACKEND", backend)
+    torch.manual_seed(0)
+    m = Conv2dAct(3, 4, 3, track_stats=True, activation="gelu")
+    xs = [torch.randn(2, 3, 6, 6) for _ in range(3)]
+    with torch.inference_mode():
+        m(xs[0])
+    with torch.no_grad():
+        m(xs[1])
+    m(xs[2].requires_grad_())
+    ref = nn.Conv2d(3, 4, 3)
+    ref.load_state_dict(m.state_dict())
+    ys = torch.cat([F.gelu(ref(x)).detach().double().transpose(0, 1).reshape(4, -1) for x in xs], 1)
+    s = m.stats()
+    assert s["count"] == ys.shape[1]
+    torch.testing.assert_close(s["mean"], ys.mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s["var"], ys.var(1, unbiased=False), atol=1e-6, rtol=1e-4)
+
+
+def test_track_stats_survive_a_meta_pass():
+    """A shape-only pass on meta tensors adds nothing and loses nothing of the sums."""
+    torch.manual_seed(0)
+    m = Conv2dAct(3, 4, 3, track_stats=True)
+    x = torch.randn(2, 3, 6, 6)
+    m(x)
+    before = m.stats()
+    Conv2dAct.forward(m.to("meta"), torch.empty(2, 3, 6, 6, device="meta"))
+    s = m.stats()
+    assert s["count"] == before["count"] and s["mean"].device.type == "cpu"
+    torch.testing.assert_close(s["mean"], before["mean"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_track_stats_move_with_the_input():
+    """Input moved to another device: the sums move with it, consistent with the count."""
+    torch.manual_seed(0)
+    m = Conv2dAct(3, 4, 3, track_stats=True)
+    ref = nn.Conv2d(3, 4, 3)
+    ref.load_state_dict(m.state_dict())
+    xs = [torch.randn(2, 3, 6, 6) for _ in range(2)]
+    m(xs[0])
+    m.cuda()(xs[1].cuda())
+    ys = torch.cat([F.relu(ref(x)).detach().double().transpose(0, 1).reshape(4, -1) for x in xs], 1)
+    s = m.stats()
+    assert s["count"] == ys.shape[1]
+    torch.testing.assert_close(s["mean"].cpu(), ys.mean(1), atol=1e-6, rtol=1e-5)
+
+
 def test_lazy_package_attributes():
     assert hierfast.nn.Conv2dAct is Conv2dAct
     assert callable(hierfast.functional.conv2d_act)

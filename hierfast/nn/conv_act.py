@@ -57,15 +57,24 @@ class Conv2dAct(nn.Conv2d):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         stats = None
-        if self.track_stats and not is_compiling() and not needs_torch_ops(input, self.weight):
-            if self._stats is None or self._stats.device != input.device:
-                self._stats = torch.zeros(self.out_channels, 3, dtype=torch.float64, device=input.device)
-            stats = self._stats
+        if (self.track_stats and input.device.type != "meta" and not is_compiling()
+                and not needs_torch_ops(input, self.weight)):
+            stats = self._stats_buffer(input.device)
         y = conv2d_act(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                        self.activation, stats=stats)
         if stats is not None:
             self._count += y.numel() // self.out_channels
         return y
+
+    def _stats_buffer(self, device: torch.device) -> torch.Tensor:
+        """The (C_out, 3) float64 sums on ``device``: created there, or moved there with what they
+        hold (``_count`` stays theirs). Never an inference tensor, even when the first tracked call
+        runs under ``torch.inference_mode``: those may not be updated in place outside it."""
+        if self._stats is None or self._stats.device != device:
+            with torch.inference_mode(False):
+                self._stats = (torch.zeros(self.out_channels, 3, dtype=torch.float64, device=device)
+                               if self._stats is None else self._stats.to(device))
+        return self._stats
 
     def stats(self) -> dict[str, torch.Tensor] | None:
         """Per-channel ``mean``, ``var`` (population) and ``frac_active`` (share of outputs

@@ -70,20 +70,20 @@ def _cmd_analyze(args) -> int:
 
 def _cmd_report(args) -> int:
     from .capture import Results
+    from .capture.cli import USER_ERRORS, user_error
     from .report import write_report
     from .report.schema import from_results
 
-    try:
+    try:  # a missing, corrupt or foreign results file is the user's input, not a bug
         res = Results.load(args.results)
-    except FileNotFoundError as e:
-        print(f"hierfast report: {e}", file=sys.stderr)
-        return 2
+        analysis = from_results(res)
+    except (FileNotFoundError, *USER_ERRORS) as e:
+        return user_error("report", e)
     out = args.out or (Path(args.results) if Path(args.results).is_dir() else Path(args.results).parent) / "report"
     try:
-        written = write_report(from_results(res), out, title=f"hierfast report: {args.results}")
+        written = write_report(analysis, out, title=f"hierfast report: {args.results}")
     except ValueError as e:
-        print(f"hierfast report: {e}", file=sys.stderr)
-        return 2
+        return user_error("report", e)
     print(f"wrote {written['html']}")
     return 0
 

@@ -88,3 +88,64 @@ def test_demo_unwritable_out_is_one_line_error(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(blocker / "sub"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hierfast demo: cannot write to") and "--out" in err and "\n" not in err
+
+
+FACTORIES = """
+import torch
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+def data():
+    return [torch.randn(16, 6) for _ in range(2)]
+"""
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--stats", "bogus"], r"--stats: unknown statistic\(s\) \['bogus'\]; available: \[.*'cka'"),
+    (["--layers", "nosuch"], "has no submodule named 'nosuch'"),
+    (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+    (["--model", "cli_factories:data"], "--model 'cli_factories:data' gave a list, not a torch.nn.Module"),
+    (["--model", "cli_factories:nothing"], "cannot load --model 'cli_factories:nothing'"),
+    (["--model", "nocolon"], "--model must look like pkg.module:function"),
+])
+def test_analyze_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, extra, message):
+    import re
+
+    (tmp_path / "cli_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["analyze", "--model", "cli_factories:model", "--data", "cli_factories:data", "--out",
+            str(tmp_path / "o"), "--no-progress"]
+    i = args.index("--model")
+    if extra[0] == "--model":
+        args[i + 1] = extra[1]
+    else:
+        args += extra
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hierfast analyze: ") and "\n" not in err and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_analyze_max_batches_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--model", "m:f", "--data", "m:f", "--out", "o", "--max-batches", "0"])
+    assert e.value.code == 2 and "--max-batches: must be a positive integer, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "is not valid JSON"),
+    ('{"something": "else"}', r"is not a results.json written by Results.save \(no \['layers', 'values'\]\)"),
+    ("[1, 2]", "is not a results.json written by Results.save"),
+])
+def test_report_of_a_corrupt_or_foreign_json_is_one_line_exit_2(tmp_path, capsys, content, message):
+    import re
+
+    (tmp_path / "results.json").write_text(content)
+    r = subprocess.run([sys.executable, "-m", "hierfast", "report", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert err.startswith("hierfast report: ") and "\n" not in err and re.search(message, err), err

@@ -3,19 +3,49 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
 
-def _factory(spec: str, flag: str):
-    """``pkg.module:function`` -> the object ``function()`` returns."""
+# errors that mean "the input is wrong": one line on stderr and exit code 2, no traceback
+USER_ERRORS = (ValueError, TypeError, KeyError)
+
+
+def user_error(cmd: str, e: BaseException) -> int:
+    """Print ``hierfast <cmd>: <message>`` to stderr; the exit code of a user error."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is a repr
+    print(f"hierfast {cmd}: {msg}", file=sys.stderr)
+    return 2
+
+
+def _resolve(spec: str, flag: str):
+    """``pkg.module:function`` -> the object it names (imported, not yet called)."""
     mod, sep, fn = spec.partition(":")
     if not sep or not mod or not fn:
-        raise SystemExit(f"hierfast analyze: {flag} must look like pkg.module:function, got {spec!r}")
+        raise ValueError(f"{flag} must look like pkg.module:function, got {spec!r}")
     try:
-        obj = getattr(importlib.import_module(mod), fn)
+        return getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"hierfast analyze: cannot load {flag} {spec!r}: {e} (is the module on PYTHONPATH?)") from e
-    return obj() if callable(obj) else obj
+        raise ValueError(f"cannot load {flag} {spec!r}: {e} (is the module on PYTHONPATH?)") from None
+
+
+def _build(obj, spec: str, flag: str, module_type: type | None = None):
+    """Call a resolved factory (a plain object is used as it is); check a model's type."""
+    out = obj() if callable(obj) else obj
+    if module_type is not None and not isinstance(out, module_type):
+        raise TypeError(f"{flag} {spec!r} gave a {type(out).__name__}, not a torch.nn.Module; name a function "
+                        "returning the model")
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return v
 
 
 def add_analyze_parser(sub) -> argparse.ArgumentParser:
@@ -29,7 +59,7 @@ def add_analyze_parser(sub) -> argparse.ArgumentParser:
                     "linear, recurrent and attention block)")
     pa.add_argument("--reduce", default="flatten", choices=("flatten", "avgpool", "mean", "cls", "tokens"))
     pa.add_argument("--stats", nargs="+", default=["cka"], metavar="NAME", help="registered statistics (default cka)")
-    pa.add_argument("--max-batches", type=int, metavar="N")
+    pa.add_argument("--max-batches", type=_positive_int, metavar="N")
     pa.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
     pa.add_argument("--checkpoint", metavar="PATH", help="resumable checkpoint file")
     pa.add_argument("--out", required=True, type=Path, metavar="DIR")
@@ -39,15 +69,10 @@ def add_analyze_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_analyze(args) -> int:
-    from .engine import analyze
-
-    _check_out_dir(args.out)
-    model = _factory(args.model, "--model")
-    data = _factory(args.data, "--data")
-    other = _factory(args.compare, "--compare") if args.compare else None
-    res = analyze(model, data, layers=args.layers, stats=tuple(args.stats), compare_to=other, reduce=args.reduce,
-                  device=args.device, max_batches=args.max_batches, progress=not args.no_progress,
-                  checkpoint=args.checkpoint)
+    try:
+        res = _analyze(args)
+    except USER_ERRORS as e:
+        return user_error("analyze", e)
     path = res.save(args.out)
     print(f"{res}\nwrote {path} and {path.with_suffix('.npz')}")
     if "cka" in res.stats:
@@ -65,9 +90,51 @@ def run_analyze(args) -> int:
         from ..report import write_report
         from ..report.schema import from_results
 
-        written = write_report(from_results(res), Path(args.out) / "report", title=f"hierfast analyze: {args.model}")
+        try:
+            written = write_report(from_results(res), Path(args.out) / "report",
+                                   title=f"hierfast analyze: {args.model}")
+        except ValueError as e:
+            return user_error("analyze", e)
         print(f"wrote {written['html']}")
     return 0
+
+
+def _analyze(args):
+    """Check the arguments (cheap ones first, before any model or data is built), then run."""
+    from torch import nn
+
+    from .engine import analyze
+
+    _check_out_dir(args.out)
+    specs = {flag: _resolve(spec, flag) for flag, spec in (("--model", args.model), ("--data", args.data),
+                                                            ("--compare", args.compare)) if spec}
+    _check_stats(args.stats)  # after the imports: a factory's module may register statistics
+    _check_device(args.device)
+    model = _build(specs["--model"], args.model, "--model", nn.Module)
+    data = _build(specs["--data"], args.data, "--data")
+    other = _build(specs["--compare"], args.compare, "--compare", nn.Module) if args.compare else None
+    return analyze(model, data, layers=args.layers, stats=tuple(args.stats), compare_to=other, reduce=args.reduce,
+                   device=args.device, max_batches=args.max_batches, progress=not args.no_progress,
+                   checkpoint=args.checkpoint)
+
+
+def _check_stats(names) -> None:
+    from .statistics import available_statistics
+
+    unknown = [n for n in names if n not in available_statistics()]
+    if unknown:
+        raise ValueError(f"--stats: unknown statistic(s) {unknown}; available: {available_statistics()}")
+
+
+def _check_device(device) -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device; pass e.g. cpu, cuda or cuda:1") from None
 
 
 def _check_out_dir(out: Path) -> None:
@@ -78,5 +145,5 @@ def _check_out_dir(out: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise SystemExit(f"hierfast: --out {str(out)!r} is not writable (nearest existing: {str(probe)!r}); "
+        raise ValueError(f"--out {str(out)!r} is not writable (nearest existing: {str(probe)!r}); "
                          "choose a writable directory")

@@ -140,7 +140,7 @@ class Results:
         pj, pn = cls._paths(path)
         if not pj.exists():
             raise FileNotFoundError(f"{pj} does not exist; pass the directory (or .json file) given to save()")
-        meta = json.loads(pj.read_text())
+        meta = cls._read_meta(pj)
         with np.load(pn, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         values = {k: _decode(v, arrays) for k, v in meta["values"].items()}
@@ -148,6 +148,20 @@ class Results:
                    shapes_b=meta["shapes_b"], n_samples=meta["n_samples"], n_batches=meta["n_batches"],
                    n_skipped=meta["n_skipped"], values=values, config=meta.get("config"),
                    skipped_small=meta.get("skipped_small"))
+
+    @staticmethod
+    def _read_meta(pj: Path) -> dict:
+        """The JSON half of :meth:`save`; ValueError naming the file when it is not one."""
+        try:
+            meta = json.loads(pj.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{pj} is not valid JSON ({e}); pass a results.json written by Results.save "
+                             "(hierfast analyze --out)") from None
+        missing = [k for k in ("layers", "values") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise ValueError(f"{pj} is not a results.json written by Results.save (no {missing}); pass the "
+                             "directory given to hierfast analyze --out")
+        return meta
 
     # -- plot ------------------------------------------------------------------------------
     def plot_cka(self, ax=None, *, cmap: str = "magma", title: str | None = None):

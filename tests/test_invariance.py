@@ -216,3 +216,45 @@ def test_merge_and_state_of_shards_with_different_references():
     for acc in (one, merged):
         assert acc.compute()["nis"][0].item() == pytest.approx(ref.item(), abs=1e-9)
     torch.testing.assert_close(merged.compute()["per_unit"][0], one.compute()["per_unit"][0], atol=1e-9, rtol=0)
+
+
+def test_curve_scores_deterministic_transforms_one_sided():
+    # two-view NIS of a blur (T = T') is 1 by construction: the default gave [1, 1, 1]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(16, 1, 12, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    feats = lambda v: {"pix": v.flatten(1)}  # noqa: E731
+    fams = {"blur": T.sweep(T.GaussianBlur, [0.0, 1.0, 2.0]), "noise": T.sweep(T.GaussianNoise, [0.5], seed=3)}
+    out = invariance_curve(feats, batches, fams, cka=False)
+    x = torch.cat(batches)
+    for k, t in enumerate(fams["blur"]):
+        ref = _nis_reference(t(x), x, x)  # NIS_1: f(Tx) against f(x)
+        assert out["blur"]["nis"][k, 0].item() == pytest.approx(ref.item(), abs=1e-9)
+    assert out["blur"]["two_view"] == [False, False, False] and out["noise"]["two_view"] == [True]
+    assert out["blur"]["nis"][2, 0] < out["blur"]["nis"][1, 0] < 0.9
+    forced = invariance_curve(feats, batches, fams, two_view=True, cka=False)  # explicit override kept
+    torch.testing.assert_close(forced["blur"]["nis"][:, 0], torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="two_view"):
+        invariance_curve(feats, batches, fams, two_view="yes")
+
+
+def test_analyze_random_transform_with_equal_draws_on_one_batch():
+    # the capture statistic chose one- or two-view per batch (torch.equal of the draws): a flip
+    # whose two draws agreed on the last, 2-image batch crashed with "layout ... differs"
+    import hierfast
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(b, 1, 8, 8, generator=g) for b in (8, 8, 2)]
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5), torch.nn.ReLU()).eval()
+    tf = {"flip": [T.HorizontalFlip(0.5)], "blur": [T.GaussianBlur(1.0)]}
+    stats = {"invariance": {"transforms": tf, "seed": 0}}
+    res = hierfast.analyze(net, data, layers=["1", "2"], stats=stats, progress=False)
+    stat = hierfast.capture.get_statistic("invariance")(["1", "2"], transforms=tf, seed=0)
+    with torch.no_grad():
+        x = torch.cat(data)
+        t1 = torch.cat([tf["flip"][0](b, generator=stat._generator(k, 0, 0, 0, b.device)) for k, b in enumerate(data)])
+        t2 = torch.cat([tf["flip"][0](b, generator=stat._generator(k, 0, 0, 1, b.device)) for k, b in enumerate(data)])
+        for j, upto in enumerate((2, 3)):
+            ref_flip = _nis_reference(net[:upto](t1), net[:upto](t2), net[:upto](x))
+            ref_blur = _nis_reference(net[:upto](tf["blur"][0](x)), net[:upto](x), net[:upto](x))
+            assert res.invariance["flip"]["score"][0, j].item() == pytest.approx(ref_flip.item(), abs=1e-6)
+            assert res.invariance["blur"]["score"][0, j].item() == pytest.approx(ref_blur.item(), abs=1e-6)

@@ -195,3 +195,17 @@ def test_cuda_matches_own_stream():
         a, b = make()(x), make()(x)
         assert a.device == x.device
         torch.testing.assert_close(a, b)
+
+
+def test_deterministic_declarations_and_the_scoring_rule():
+    from hierfast.transforms._base import scored_two_view
+
+    assert T.GaussianBlur(1.0).deterministic and not scored_two_view(T.GaussianBlur(1.0))
+    x = _img()
+    assert torch.equal(T.GaussianBlur(1.0)(x), T.GaussianBlur(1.0)(x))  # the declaration holds
+    for t in (T.HorizontalFlip(0.5), T.Translate(1), T.GaussianNoise(0.1), T.Rotate(5)):
+        assert not t.deterministic and scored_two_view(t)
+    assert scored_two_view(T.Lambda(lambda v: v.flip(-1)))  # undeclared callables count as random
+    assert not scored_two_view(T.Lambda(lambda v: v.flip(-1), deterministic=True))
+    with pytest.raises(TypeError, match="deterministic"):
+        T.Lambda(lambda v: v, deterministic=1)

@@ -78,8 +78,11 @@ class InvarianceStatistic:
 
     Per batch and per transform, two independent draws T(x), T'(x) are run through the
     model(s) (``batch.forward``) and NIS_2 = 1 - E||f(Tx) - f(T'x)||^2 / (2 tr Cov f) is
-    accumulated against the untransformed features (a deterministic transform, whose two
-    draws are equal, is scored one-sided: NIS_1 = 1 - E||f(Tx) - f(x)||^2 / (2 tr Cov f)); ``cka=True`` adds debiased CKA(f(X), f(TX)).
+    accumulated against the untransformed features; a transform that declares
+    ``deterministic = True`` (GaussianBlur; T = T', so NIS_2 would be 1 by construction) gets
+    one forward and the one-sided NIS_1 = 1 - E||f(Tx) - f(x)||^2 / (2 tr Cov f) instead
+    (:func:`hierfast.transforms._base.scored_two_view`, decided once per transform). ``cka=True``
+    adds debiased CKA(f(X), f(TX)).
     The draws of batch k come from a generator seeded by (seed, k, transform, view), so a
     resumed run draws exactly what the uninterrupted run drew.
 
@@ -113,6 +116,8 @@ class InvarianceStatistic:
         return g
 
     def update_batch(self, feats_a, feats_b, batch) -> None:
+        from ..transforms._base import scored_two_view
+
         x = batch.inputs
         if not isinstance(x, torch.Tensor):
             raise TypeError("invariance: the batches' inputs must be tensors (images) to transform, got "
@@ -120,10 +125,12 @@ class InvarianceStatistic:
                             "drop 'invariance' from stats")
         for fi, (k, ts) in enumerate(self.families.items()):
             for i, t in enumerate(ts):
-                xt = [t(x, generator=self._generator(batch.index, fi, i, v, x.device)) for v in (0, 1)]
-                # a deterministic transform (blur) gives T = T': the two-view score would be 1 by
-                # construction, so such transforms are scored one-sided, f(Tx) against f(x)
-                views = [batch.forward(xt[0])] + ([None] if torch.equal(xt[0], xt[1]) else [batch.forward(xt[1])])
+                # one view (NIS_1) or two (NIS_2) by the transform's declared determinism, never
+                # by comparing this batch's draws: a random flip whose two draws happen to be
+                # equal on one batch must not switch the accumulator's layout mid-run
+                n_views = 2 if scored_two_view(t) else 1
+                xt = [t(x, generator=self._generator(batch.index, fi, i, v, x.device)) for v in range(n_views)]
+                views = [batch.forward(v) for v in xt] + [None] * (2 - n_views)
                 for side, layers, ref, j in (("a", self.layers_a, feats_a, 0), ("b", self.layers_b, feats_b, 1)):
                     if layers is None:
                         continue

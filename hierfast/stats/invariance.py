@@ -261,7 +261,7 @@ def normalized_invariance(f_t, f_t2, f_ref, *, per_unit: bool = False):
     return nis
 
 
-def invariance_curve(features, batches, transforms, *, two_view: bool = True, cka: bool = True) -> dict:
+def invariance_curve(features, batches, transforms, *, two_view: bool | None = None, cka: bool = True) -> dict:
     """NIS (and CKA invariance) per layer over a sweep of transform magnitudes.
 
     Args:
@@ -270,26 +270,36 @@ def invariance_curve(features, batches, transforms, *, two_view: bool = True, ck
         batches: iterable of input batches (tensors, or tuples whose first item is the input).
         transforms: a list of transforms (e.g. ``hierfast.transforms.sweep(Rotate, [0, 5, 10])``),
             or a dict ``name -> list`` for several families.
-        two_view: draw T and T' independently per batch (NIS_2); else NIS_1 against f(x).
+        two_view: None (default): per transform, by the rule of
+            :func:`hierfast.transforms._base.scored_two_view` — a deterministic transform
+            (``deterministic = True``, e.g. GaussianBlur; NIS_2 would be 1 by construction)
+            gets the one-sided NIS_1 against f(x), the magnitude-sweep score of METRICS.md
+            §3.5; a random one NIS_2 from two independent draws T, T' per batch. True /
+            False force NIS_2 / NIS_1 for every transform.
 
     Returns:
-        ``{name: {"magnitude": (M,), "nis": (M, L), "cka": (M, L) or None, "layers": [...]}}``
+        ``{name: {"magnitude": (M,), "nis": (M, L), "cka": (M, L) or None, "two_view": [M bools]
+        (which score each transform got), "layers": [...]}}``
         (name ``"transform"`` when a plain list was given). One pass over ``batches``.
     """
     from ..transforms import as_transform
+    from ..transforms._base import scored_two_view
 
+    if two_view is not None and not isinstance(two_view, bool):
+        raise TypeError(f"two_view must be None (per transform), True or False, got {two_view!r}")
     families = transforms if isinstance(transforms, dict) else {"transform": transforms}
     families = {k: [as_transform(t) for t in v] for k, v in families.items()}
     if not families or any(len(v) == 0 for v in families.values()):
         raise ValueError("transforms must hold at least one transform per family")
     accs = {k: [InvarianceAccumulator(cka=cka) for _ in v] for k, v in families.items()}
+    views = {k: [scored_two_view(t) if two_view is None else two_view for t in v] for k, v in families.items()}
     with torch.no_grad():
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             f_ref = features(x)
             for k, ts in families.items():
-                for t, acc in zip(ts, accs[k]):
-                    acc.update(features(t(x)), features(t(x)) if two_view else None, f_ref)
+                for t, acc, two in zip(ts, accs[k], views[k]):
+                    acc.update(features(t(x)), features(t(x)) if two else None, f_ref)
     out = {}
     for k, ts in families.items():
         if not accs[k][0].initialized:
@@ -298,5 +308,5 @@ def invariance_curve(features, batches, transforms, *, two_view: bool = True, ck
         out[k] = {"magnitude": torch.tensor([float(t.magnitude) for t in ts], dtype=torch.float64),
                   "nis": torch.stack([r["nis"] for r in res]),
                   "cka": torch.stack([r["cka"] for r in res]) if cka else None,
-                  "layers": res[0]["layers"]}
+                  "two_view": views[k], "layers": res[0]["layers"]}
     return out

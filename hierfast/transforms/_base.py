@@ -30,9 +30,14 @@ class Transform:
 
     Subclasses implement ``_apply(x, generator)``; ``__call__`` validates and picks
     the generator. Pass ``generator=`` to draw from your own stream instead.
+
+    ``deterministic``: True when the transform draws nothing (T = T' on every call, e.g.
+    a blur); such transforms are scored one-view, all others two-view (see
+    :func:`scored_two_view`). Subclasses that draw nothing declare it.
     """
 
     magnitude: float = 0.0
+    deterministic: bool = False
 
     def __init__(self, *, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -77,14 +82,20 @@ def uniform(n: int, low: float, high: float, g: torch.Generator, device, dtype=t
 
 class Lambda(Transform):
     """Any user callable ``fn(x) -> Tx`` (or ``fn(x, generator) -> Tx`` when
-    ``takes_generator=True``, so that its randomness follows the seed too)."""
+    ``takes_generator=True``, so that its randomness follows the seed too).
+
+    ``deterministic=True`` declares that ``fn`` draws nothing (scored one-view); by
+    default a callable is taken to be random (scored two-view)."""
 
     def __init__(self, fn, *, magnitude: float = float("nan"), takes_generator: bool = False,
-                 seed: int = 0) -> None:
+                 deterministic: bool = False, seed: int = 0) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable x -> Tx, got {type(fn).__name__}")
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
         super().__init__(seed=seed)
         self.fn, self.magnitude, self.takes_generator = fn, magnitude, takes_generator
+        self.deterministic = deterministic
 
     def _apply(self, x, g):
         out = self.fn(x, g) if self.takes_generator else self.fn(x)
@@ -97,6 +108,14 @@ class Lambda(Transform):
 
     def __repr__(self) -> str:
         return f"Lambda({getattr(self.fn, '__name__', self.fn)!r}, seed={self.seed})"
+
+
+def scored_two_view(t: Transform) -> bool:
+    """The one rule for which invariance score a transform gets (METRICS.md §3.5), decided
+    once per transform and never from the data: a deterministic transform (T = T', so
+    the two-view NIS_2 would be 1 by construction) is scored one-view, NIS_1 against
+    f(x); a random one two-view, NIS_2 between two independent draws."""
+    return not bool(getattr(t, "deterministic", False))
 
 
 def as_transform(t, *, seed: int = 0) -> Transform:

@@ -172,6 +172,8 @@ class GaussianBlur(ImageTransform):
     Kernel radius ceil(3 sigma), reflect padding; deterministic (no random draw).
     """
 
+    deterministic = True
+
     def __init__(self, magnitude: float, *, seed: int = 0) -> None:
         super().__init__(seed=seed)
         self.magnitude = check_magnitude(magnitude, "magnitude (blur sigma in pixels)")

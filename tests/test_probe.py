@@ -138,3 +138,29 @@ def test_probe_statistic_through_analyze_and_resume(tmp_path):
 def test_probe_statistic_needs_labels():
     with pytest.raises(ValueError, match="no labels"):
         hierfast.analyze(_mlp(), [torch.randn(20, 6)], stats=("probe",), progress=False)
+
+
+def test_merge_of_shards_with_different_control_class_counts_is_refused():
+    # k_control is fixed by each shard's first batch: merging 2- and 4-class shards crashed with a
+    # bare RuntimeError (and their control labels differ for the same input)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(57, 6, generator=g, dtype=torch.float64)
+    a, b = ProbeAccumulator(), ProbeAccumulator()
+    a.update([x[:20]], torch.arange(20) % 2)
+    b.update([x[20:]], torch.arange(37) % 4, index=torch.arange(20, 57))
+    with pytest.raises(ValueError, match="n_classes="):
+        a.merge(b)
+    with pytest.raises(ValueError, match="layer"):
+        c = ProbeAccumulator()
+        c.update([x[20:, :3]], torch.arange(37) % 2, index=torch.arange(20, 57))
+        a.merge(c)
+    # with n_classes declared, the shards agree and merge to the one-pass result
+    y = torch.arange(57) % 4
+    y[:20] %= 2  # the first shard sees only classes 0, 1
+    whole, left, right = (ProbeAccumulator(n_classes=4) for _ in range(3))
+    whole.update([x], y)
+    left.update([x[:20]], y[:20])
+    right.update([x[20:]], y[20:], index=torch.arange(20, 57))
+    merged = left.merge(right).compute()
+    for key in ("accuracy", "control", "alpha"):
+        torch.testing.assert_close(merged[key], whole.compute()[key], atol=1e-9, rtol=1e-9)

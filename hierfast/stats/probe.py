@@ -319,8 +319,7 @@ class ProbeAccumulator:
             return self
         if not self.layers:
             return self.load_state_dict(other.state_dict())
-        if len(other.layers) != len(self.layers):
-            raise ValueError("cannot merge probes over different layers")
+        self._check_mergeable(other)
         dev = self.sy.device
         self._grow(other.k, dev)
         other = ProbeAccumulator().load_state_dict(other.state_dict())
@@ -341,6 +340,20 @@ class ProbeAccumulator:
         self.seen += other.seen
         return self
 
+    def _check_mergeable(self, other: "ProbeAccumulator") -> None:
+        """Shards must agree on the layers and on the control task's class count: k_control is
+        fixed by each shard's first batch, and shards with different counts draw different
+        control labels (hash % k_control) for the same input."""
+        if len(other.layers) != len(self.layers) or any(L.sx.numel() != O.sx.numel()
+                                                        for L, O in zip(self.layers, other.layers)):
+            raise ValueError("cannot merge probes over different layers (or layer widths): every shard must "
+                             "see the same layers")
+        if other.k_control != self.k_control:
+            raise ValueError(f"cannot merge probe shards whose control tasks have {self.k_control} and "
+                             f"{other.k_control} classes (each shard fixes it from the labels of its first batch, "
+                             "so their control labels differ); construct every shard with "
+                             "ProbeAccumulator(n_classes=<number of classes>)")
+
     def sync(self, group=None) -> "ProbeAccumulator":
         """Gather every rank's state and merge them in rank order (all ranks end equal)."""
         import torch.distributed as dist
@@ -349,7 +362,7 @@ class ProbeAccumulator:
         dist.all_gather_object(states, {k: v for k, v in self.state_dict().items()}, group=group)
         merged = ProbeAccumulator(test_fraction=self.test_fraction, max_test=self.max_test,
                                   max_dim=self.reducer.max_dim, alphas=self.alphas, control=self.control,
-                                  seed=self.seed)
+                                  seed=self.seed, n_classes=self.n_classes)
         for s in states:
             merged.merge(ProbeAccumulator().load_state_dict(s))
         self.load_state_dict(merged.state_dict())

@@ -135,3 +135,28 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     rgb = (img[..., :3] * 255).astype(np.uint8).reshape(-1, 3)
     assert len(np.unique(rgb, axis=0)) > 50
     assert (rgb.min(axis=1) < 200).mean() > 0.02
+
+
+def test_invariance_families_named_a_and_b_are_not_taken_for_compare_to(tmp_path):
+    """from_results used to guess compare_to output from a dict with an "a" key."""
+    import torch
+    from torch import nn
+
+    import hierfast
+    from hierfast.report.schema import from_results
+    from hierfast.transforms import GaussianNoise
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    data = [torch.randn(8, 1, 6, 6) for _ in range(2)]
+    stats = {"invariance": {"transforms": {"a": [GaussianNoise(0.1)], "b": [GaussianNoise(0.3)]}}, "sparsity": {}}
+    res = hierfast.analyze(net, data, stats=stats, progress=False)
+    a = from_results(res)
+    assert set(a["invariance"]) == {"a", "b"} and a["invariance"]["b"]["magnitudes"] == [0.3]
+    assert write_report(a, tmp_path / "one")["html"]
+    pair = hierfast.analyze(net, data, stats=stats, compare_to=net, progress=False)
+    b = from_results(pair)
+    assert set(b["invariance"]) == {"a", "b"}  # the analysed model's families, not {"a": side a}
+    torch.testing.assert_close(torch.as_tensor(b["invariance"]["a"]["score"], dtype=torch.float64), res.invariance["a"]["score"])
+    torch.testing.assert_close(torch.as_tensor(b["sparsity"], dtype=torch.float64), res.sparsity)
+    assert write_report(b, tmp_path / "two")["html"]

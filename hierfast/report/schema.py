@@ -64,23 +64,21 @@ def from_results(results) -> dict:
     """
     d = results.to_dict() if hasattr(results, "to_dict") else dict(results)
     out = {"layers": list(d["layers"])}
-    if d.get("layers_b") is not None:
+    # layers_b is the marker of a compare_to run, never the values' shape: an invariance
+    # family may well be named "a"
+    paired = d.get("layers_b") is not None
+    if paired:
         out["layers_b"] = list(d["layers_b"])
         if "cka" in d:
             out["cka_vs_reference"] = d["cka"]
             out["reference_name"] = "the compared model"
     elif "cka" in d:
         out["cka"] = d["cka"]
-    for key in ("invariance", "probe", "dimension"):
+    for key in ("invariance", "probe", "dimension", "sparsity"):
         v = d.get(key)
-        if isinstance(v, dict) and isinstance(v.get("a"), dict):  # compare_to: the analysed model's part
+        if v is not None and paired:  # compare_to: {"a": analysed model, "b": compared model}
             v = v["a"]
         if v is not None:
             out[key] = v
-    sp = d.get("sparsity")
-    if isinstance(sp, dict):
-        sp = sp.get("a")
-    if sp is not None:
-        out["sparsity"] = sp
     out["meta"] = {"n_samples": d.get("n_samples"), "n_batches": d.get("n_batches"), "statistics": d.get("stats")}
     return out

@@ -1,5 +1,6 @@
 """hierfast.visualize: top-activating examples (vs a float64 brute force incl. ties),
 receptive fields, activation maximisation (hand-set filters, seeds, bad input), plots."""
+import copy
 import math
 
 import pytest
@@ -142,6 +143,65 @@ def test_top_activating_sequence_positions_and_context():
     for c in range(5):
         for j in range(3):
             assert torch.equal(res.context[c, j], padded[idx[c, j], pos[c, j]:pos[c, j] + 2 * w + 1])
+
+
+def test_top_activating_context_moves_with_its_entry():
+    """Later batches beat earlier ones, pushing their entries down the top-k lists: each
+    entry's token context must move with it (brute force: the window around the top token)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Embedding(40, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.stack([torch.arange(40.0), -torch.arange(40.0)], 1))  # value = +-token id
+    ids = torch.stack([torch.randint(0, 2 + 2 * i, (9,), generator=g) for i in range(19)])  # later: larger ids
+    data = list(torch.tensor_split(ids, [1, 2, 5, 6, 11, 12, 18]))
+    w, k = 2, 4
+    res = top_activating(model, data, "0", k=k, context=w)["0"]
+    with torch.no_grad():
+        idx, _, pos = _brute(model.double()(ids).transpose(1, 2), k, "max")
+    assert torch.equal(res.indices, idx) and torch.equal(res.positions, pos)
+    padded = F.pad(ids, (w, w), value=-1)
+    for c in range(2):
+        for j in range(k):
+            assert torch.equal(res.context[c, j], padded[idx[c, j], pos[c, j]:pos[c, j] + 2 * w + 1]), (c, j)
+
+
+def _mixed_size_cnn(g):
+    # no head: any image size runs; receptive fields as _cnn's
+    return _quantised(nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                    nn.Conv2d(5, 6, 3, stride=2), nn.ReLU()), g)
+
+
+def test_top_activating_batches_of_different_image_sizes():
+    """Positions decoded, and boxes clipped, with each example's own image size (brute force
+    per image, float64)."""
+    g = torch.Generator().manual_seed(0)
+    model = _mixed_size_cnn(g)
+    sizes = [(20, 20), (12, 28), (28, 12), (16, 16), (20, 20)]
+    data = [torch.randint(-2, 3, (3, 3, h, w), generator=g).float() for h, w in sizes]
+    k = 4
+    res = top_activating(model, data, ["1", "4"], k=k)
+    ref = copy.deepcopy(model).double()
+    images = [x[i] for x in data for i in range(x.shape[0])]
+    # hand-derived receptive fields: size, jump, start
+    for name, upto, (size, jump, start) in (("1", 2, (3, 1, -1)), ("4", 5, (8, 4, -1))):
+        r = res[name]
+        with torch.no_grad():
+            maps = [ref[:upto](x[None].double())[0] for x in images]  # (C, h, w) each
+        for c in range(r.indices.shape[0]):
+            best = []
+            for i, m in enumerate(maps):
+                flat = m[c].flatten()
+                p = int(torch.nonzero(flat == flat.max())[0])  # first argmax
+                best.append((-float(flat.max()), i, p // m.shape[2], p % m.shape[2]))
+            best = sorted(best)[:k]
+            assert r.indices[c].tolist() == [i for _, i, _, _ in best], (name, c)
+            assert r.positions[c].tolist() == [[y, x] for _, _, y, x in best], (name, c)
+            for j, (_, i, y, x) in enumerate(best):
+                H, W = images[i].shape[1:]
+                top, left = y * jump + start, x * jump + start
+                want = [min(max(top, 0), H), min(max(left, 0), W), min(top + size, H), min(left + size, W)]
+                assert r.boxes[c, j].tolist() == want, (name, c, j)
+                assert want[0] < want[2] and want[1] < want[3]  # a real crop of that image
 
 
 def test_top_activating_nan_and_bad_input():
@@ -318,8 +378,6 @@ def test_fused_relu_channels_that_start_off_still_rise():
 def test_activation_maximization_half_precision_model(dtype, param):
     """The image and Adam's state stay float32 (Adam's eps underflows in float16): a
     float16/bfloat16 model optimises like the float32 model of the same (rounded) weights."""
-    import copy
-
     model, _ = _edge_color_model()
     low = copy.deepcopy(model).to(dtype)
     kw = dict(steps=12, size=16, param=param, seed=0)

@@ -35,14 +35,21 @@ class ReceptiveField:
     start: tuple[int, int]
     method: str
 
-    def boxes(self, row: torch.Tensor, col: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def boxes(self, row: torch.Tensor, col: torch.Tensor, height, width) -> torch.Tensor:
         """``(..., 4)`` int64 boxes ``(top, left, bottom, right)`` (bottom/right exclusive),
-        clipped to the ``height`` x ``width`` input; -1 where ``row`` is -1."""
+        clipped to the ``height`` x ``width`` input (ints, or tensors like ``row``: one
+        image size per unit); -1 where ``row`` or ``height`` is -1."""
+        height = torch.as_tensor(height, dtype=torch.int64, device=row.device)
+        width = torch.as_tensor(width, dtype=torch.int64, device=row.device)
         top = row * self.jump[0] + self.start[0]
         left = col * self.jump[1] + self.start[1]
-        box = torch.stack([top.clamp(0, height), left.clamp(0, width),
-                           (top + self.size[0]).clamp(0, height), (left + self.size[1]).clamp(0, width)], -1)
-        return torch.where((row < 0).unsqueeze(-1), torch.full_like(box, -1), box)
+
+        def clip(v, hi):
+            return torch.minimum(v.clamp_min(0), hi)
+
+        box = torch.stack([clip(top, height), clip(left, width), clip(top + self.size[0], height),
+                           clip(left + self.size[1], width)], -1)
+        return torch.where(((row < 0) | (height < 0)).unsqueeze(-1), torch.full_like(box, -1), box)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -33,7 +33,8 @@ class TopActivating:
         positions: ``(C, k, 2)`` (row, col) of the max for ``"conv"``, ``(C, k)`` token
             position for ``"sequence"``; -1 with ``reduce="mean"``; None for ``"vector"``.
         boxes: ``"conv"`` + ``reduce="max"`` only: ``(C, k, 4)`` receptive-field crop
-            ``(top, left, bottom, right)`` in input pixels (bottom/right exclusive), clipped.
+            ``(top, left, bottom, right)`` in input pixels (bottom/right exclusive), clipped
+            to that example's own image (batches may differ in image size).
         receptive_field: the :class:`~hierfast.visualize._receptive.ReceptiveField` used
             (its ``method`` says ``"analytic"`` or ``"gradient"``).
         context: ``"sequence"`` with integer token-id inputs: ``(C, k, 2w+1)`` ids around the
@@ -65,65 +66,101 @@ def _as_bcs(name: str, module: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor
 
 
 class _Layer:
-    """Running state of one layer."""
+    """Running state of one layer.
+
+    Besides the kernel's state, per-slot records ``meta`` (``(C, k, m)`` int64, -1 = none)
+    describe where each entry came from: for conv layers ``(row, col, input height, input
+    width)`` decoded with the entry's own batch (batches may differ in size), for sequences
+    the token context. A merge re-sorts the slots, so the records are moved with their
+    entries (:meth:`_follow`) before this batch's new entries are written."""
 
     def __init__(self, name: str, module: nn.Module, k: int, reduce: str, context: int):
         self.name, self.module, self.k, self.reduce, self.w = name, module, k, reduce, context
         self.state = None
         self.kind = None
-        self.spatial = None  # (H, W) of a conv output
-        self.ctx = None
+        self.meta: dict[str, torch.Tensor] = {}
 
-    def update(self, t: torch.Tensor, base: int, batch: int, ids: torch.Tensor | None) -> None:
+    def update(self, t: torch.Tensor, base: int, batch: int, ids: torch.Tensor | None,
+               in_size: tuple[int, int] | None) -> None:
         x, kind = _as_bcs(self.name, self.module, t)
         if self.state is None:
             self.kind = kind
             self.state = new_state(x.shape[1], self.k, device=x.device)
-            if kind == "conv":
-                self.spatial = tuple(t.shape[2:])
         elif x.shape[1] != self.state["vals"].shape[0]:
             raise ValueError(f"layer {self.name!r} has {x.shape[1]} channels in batch {batch}, "
                              f"{self.state['vals'].shape[0]} before")
+        old_idx = self.state["idx"].clone()
         channel_topk(x.detach(), self.state, base, reduce=self.reduce)
         bad = self.state["bad"]
         if bool((bad > 0).any()):
             ch = torch.nonzero(bad).flatten()[:5].tolist()
             raise ValueError(f"layer {self.name!r} produced NaN activations in data batch {batch} (channels {ch}); "
                              "check the inputs and the model's numerics")
-        if kind == "sequence" and ids is not None and self.w >= 0 and self.reduce == "max":
-            self._update_context(ids, base)
+        if self.reduce != "max" or kind == "vector":
+            return  # no positions to describe
+        new = self._follow(old_idx, base, x.shape[0])
+        if kind == "conv":
+            self._record_where(new, t.shape[3], in_size)
+        elif kind == "sequence" and ids is not None and self.w >= 0:
+            self._record_context(new, ids, base)
 
-    def _update_context(self, ids: torch.Tensor, base: int) -> None:
+    def _follow(self, old_idx: torch.Tensor, base: int, n: int) -> torch.Tensor:
+        """Move the records with their entries through the merge; returns the mask of the
+        slots filled from this batch (dataset indices ``base .. base + n - 1``)."""
+        idx = self.state["idx"]
+        new = (idx >= base) & (idx < base + n)
+        # The merge is a stable sort by the same key as the old list's order, so the old
+        # entries that survive are the old list's first ones, in order.
+        kept = ~new & (idx >= 0)
+        src = ((~new).long().cumsum(1) - 1).clamp_min(0)
+        if not torch.equal(old_idx.gather(1, src)[kept], idx[kept]):
+            raise RuntimeError("top_activating: the top-k merge reordered surviving entries; records would "
+                               "be misattributed (please report this bug)")
+        for key, m in self.meta.items():
+            m = m.gather(1, src.unsqueeze(2).expand_as(m))
+            m[~kept] = -1
+            self.meta[key] = m
+        return new
+
+    def _slots(self, key: str, width: int) -> torch.Tensor:
+        if key not in self.meta:
+            C = self.state["idx"].shape[0]
+            self.meta[key] = torch.full((C, self.k, width), -1, dtype=torch.int64, device=self.state["idx"].device)
+        return self.meta[key]
+
+    def _record_where(self, new: torch.Tensor, out_w: int, in_size: tuple[int, int] | None) -> None:
+        """(row, col) from the flat position with *this* batch's output width, plus the size
+        of this batch's input image (for clipping its receptive-field box)."""
+        where = self._slots("where", 4)
+        pos = self.state["pos"][new]
+        h, w = in_size if in_size is not None else (-1, -1)
+        where[new] = torch.stack([pos // out_w, pos % out_w, torch.full_like(pos, h), torch.full_like(pos, w)], 1)
+
+    def _record_context(self, new: torch.Tensor, ids: torch.Tensor, base: int) -> None:
         # Only entries that entered the top-k from *this* batch need context, and entries
         # never come back once evicted: filling them now keeps memory bounded.
-        C, k, w = self.state["idx"].shape[0], self.k, self.w
-        if self.ctx is None:
-            self.ctx = torch.full((C, k, 2 * w + 1), -1, dtype=torch.int64, device=ids.device)
-        idx, pos = self.state["idx"].to(ids.device), self.state["pos"].to(ids.device)
-        new = (idx >= base) & (idx < base + ids.shape[0])
+        ctx, w = self._slots("ctx", 2 * self.w + 1), self.w
         if not bool(new.any()):
             return
+        idx, pos = self.state["idx"][new].to(ids.device), self.state["pos"][new].to(ids.device)
         padded = torch.nn.functional.pad(ids.long(), (w, w), value=-1)  # (B, T + 2w)
-        rows = (idx[new] - base)
-        cols = pos[new].unsqueeze(1) + torch.arange(2 * w + 1, device=ids.device)  # window in padded coords
-        self.ctx[new] = padded[rows.unsqueeze(1), cols]
+        cols = pos.unsqueeze(1) + torch.arange(2 * w + 1, device=ids.device)  # window in padded coords
+        ctx[new] = padded[(idx - base).unsqueeze(1), cols].to(ctx.device)
 
     def result(self, rf) -> TopActivating:
         st = self.state
         out = TopActivating(self.name, self.kind, st["idx"].cpu(), st["vals"].cpu())
         pos = st["pos"].cpu()
         if self.kind == "conv":
-            W = self.spatial[1]
-            row = torch.where(pos >= 0, pos // W, -1)
-            col = torch.where(pos >= 0, pos % W, -1)
+            where = self.meta["where"].cpu() if "where" in self.meta else torch.full((*pos.shape, 4), -1)
+            row, col, in_h, in_w = where.unbind(-1)
             out.positions = torch.stack([row, col], -1)
             if rf is not None and self.reduce == "max":
-                rfield, (H_in, W_in) = rf
-                out.receptive_field = rfield
-                out.boxes = rfield.boxes(row, col, H_in, W_in)
+                out.receptive_field = rf
+                out.boxes = rf.boxes(row, col, in_h, in_w)
         elif self.kind == "sequence":
             out.positions = pos
-            out.context = None if self.ctx is None else self.ctx.cpu()
+            out.context = self.meta["ctx"].cpu() if "ctx" in self.meta else None
         return out
 
 
@@ -175,7 +212,7 @@ def top_activating(model: nn.Module, data, layers, *, k: int = 9, reduce: str = 
         def hook(mod, args, out, n=n):
             if n not in ran:
                 ran.add(n)
-                states[n].update(pick_output(mod, out, n), ctx["base"], ctx["batch"], ctx["ids"])
+                states[n].update(pick_output(mod, out, n), ctx["base"], ctx["batch"], ctx["ids"], ctx["size"])
         handles.append(m.register_forward_hook(hook))
     try:
         dev = next(model.parameters()).device
@@ -198,8 +235,9 @@ def top_activating(model: nn.Module, data, layers, *, k: int = 9, reduce: str = 
                 if first_x is None:
                     first_x = x0[:1].clone()
                 ids = x0 if (x0.dim() == 2 and not x0.is_floating_point() and not x0.is_complex()) else None
+                size = tuple(x0.shape[2:]) if x0.dim() == 4 and x0.is_floating_point() else None
                 ran.clear()
-                ctx.update(base=base, batch=b, ids=ids)
+                ctx.update(base=base, batch=b, ids=ids, size=size)
                 call_model(model, inputs)
                 base += pb.size
     finally:
@@ -216,7 +254,7 @@ def top_activating(model: nn.Module, data, layers, *, k: int = 9, reduce: str = 
         rf = None
         if st.kind == "conv" and reduce == "max" and first_x is not None and first_x.dim() == 4 \
                 and first_x.is_floating_point():
-            rf = (_receptive_field(model, n, st.module, first_x), tuple(first_x.shape[2:]))
+            rf = _receptive_field(model, n, st.module, first_x)
         out[n] = st.result(rf)
     return out
 

@@ -160,3 +160,34 @@ def test_invariance_families_named_a_and_b_are_not_taken_for_compare_to(tmp_path
     torch.testing.assert_close(torch.as_tensor(b["invariance"]["a"]["score"], dtype=torch.float64), res.invariance["a"]["score"])
     torch.testing.assert_close(torch.as_tensor(b["sparsity"], dtype=torch.float64), res.sparsity)
     assert write_report(b, tmp_path / "two")["html"]
+
+
+def test_nan_from_constant_layers_is_left_out_or_undefined_never_failed(tmp_path):
+    """A constant layer has NaN CKA and invariance (legal input): its entries are left out of the
+    means; a verdict with nothing left to decide on is undefined (holds None), not "does not hold"."""
+    a = _hierarchy()
+    cka = np.array(a["cka"], dtype=float)
+    cka[4, :] = cka[:, 4] = np.nan  # conv5 constant
+    a["cka"] = cka
+    out = {p["name"]: p for p in check_patterns(a)}["adjacent_layers_more_similar"]
+    defined = [(i, j) for i in range(L) for j in range(L) if 4 not in (i, j)]
+    adjacent = np.mean([cka[i, j] for i, j in defined if abs(i - j) == 1])
+    distant = np.mean([cka[i, j] for i, j in defined if abs(i - j) >= 2])
+    assert out["holds"] is True and "conv5" in out["evidence"] and "nan" not in out["evidence"]
+    assert out["values"] == {"adjacent": pytest.approx(adjacent), "distant": pytest.approx(distant)}
+
+    b = _hierarchy()
+    few = np.array(b["cka"], dtype=float)
+    few[2:, :] = few[:, 2:] = np.nan  # only conv1, conv2 defined: no pair two apart
+    b["cka"] = few
+    score = np.array(b["invariance"]["translate"]["score"], dtype=float)
+    score[1, -2:] = np.nan  # the whole top third of the smallest magnitude is undefined
+    b["invariance"]["translate"]["score"] = score
+    got = {p["name"]: p for p in check_patterns(b)}
+    for name, bad in (("adjacent_layers_more_similar", LAYERS[2:]), ("translation_invariance_rises", LAYERS[-2:])):
+        assert got[name]["holds"] is None and got[name]["undefined"] == bad, got[name]
+        assert "undefined" in got[name]["evidence"] and all(n in got[name]["evidence"] for n in bad)
+    html = open(write_report(b, tmp_path)["html"], encoding="utf-8").read()
+    rows = re.findall(r"<tr><td>(.*?)</td><td class='(\w+)'>(.*?)</td>", html)
+    verdicts = {stmt: (cls, word) for stmt, cls, word in rows}
+    assert verdicts["Adjacent layers are more similar (CKA) than distant ones."] == ("na", "undefined")

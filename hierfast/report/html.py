@@ -99,6 +99,8 @@ def _pattern_table(patterns: list[dict]) -> str:
     rows = []
     for p in patterns:
         cls, word = {True: ("yes", "holds"), False: ("no", "does not hold"), None: ("na", "not measured")}[p["holds"]]
+        if p["holds"] is None and p.get("undefined") is not None:
+            word = "undefined"  # measured, but NaN values (constant layers) leave nothing to decide on
         rows.append(f"<tr><td>{html.escape(p['statement'])}</td><td class='{cls}'>{word}</td>"
                     f"<td>{html.escape(str(p['evidence']))}</td></tr>")
     return ("<table><tr><th>pattern</th><th>verdict</th><th>evidence</th></tr>" + "".join(rows) + "</table>")

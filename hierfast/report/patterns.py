@@ -1,8 +1,11 @@
 """The measurable hierarchy patterns the report states, each with its evidence.
 
-Every check returns ``{"name", "holds" (bool | None when not measured), "statement",
-"evidence"}``; the report prints the statement whether or not it holds, with the numbers,
-so a pattern that fails is shown, not hidden.
+Every check returns ``{"name", "holds" (bool | None when not measured or undefined),
+"statement", "evidence"}``; the report prints the statement whether or not it holds, with
+the numbers, so a pattern that fails is shown, not hidden. Values that are NaN (CKA or
+invariance of a layer with constant features) are left out of the means, and the evidence
+names those layers; when too few values are defined to decide, ``holds`` is None and the
+result carries ``"undefined": [layers]`` (shown as "undefined", not as failed).
 """
 from __future__ import annotations
 
@@ -26,9 +29,31 @@ def spearman(a) -> float:
     return float(np.corrcoef(depth, ranks)[0, 1])
 
 
+def _nanmean(v: np.ndarray) -> float:
+    """Mean over the defined (finite) entries; NaN when there is none."""
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
 def _thirds(v: np.ndarray) -> tuple[float, float]:
     k = max(1, v.size // 3)
-    return float(v[:k].mean()), float(v[-k:].mean())
+    return _nanmean(v[:k]), _nanmean(v[-k:])
+
+
+def _bad_layers(analysis: dict, bad: np.ndarray) -> list[str]:
+    """Names of the layers whose value is not finite (``bad``: one bool per layer)."""
+    return [str(n) for n, b in zip(analysis["layers"], bad) if b]
+
+
+def _result(name, statement, holds, evidence, values, bad: list[str]) -> dict:
+    """The check's dict; NaN means (too few defined values) make the verdict undefined."""
+    note = f" (left out, undefined: constant features? layers {bad})" if bad else ""
+    if any(not np.isfinite(v) for v in values.values()):
+        return {"name": name, "holds": None, "statement": statement, "undefined": bad,
+                "evidence": f"undefined: too few defined values; not finite for layers {bad} (constant features?)",
+                "values": values}
+    return {"name": name, "holds": bool(holds()), "statement": statement, "evidence": evidence + note,
+            "values": values}
 
 
 def probe_rises(analysis: dict) -> dict:
@@ -60,9 +85,10 @@ def translation_invariance_rises(analysis: dict, transform: str | None = None) -
     score = as_array(curve["score"])
     i = int(np.argmin(np.where(mags > 0, mags, np.inf)))  # smallest non-zero magnitude
     bottom, top = _thirds(score[i])
-    return {"name": name, "holds": bool(top > bottom), "statement": statement,
-            "evidence": f"at magnitude {mags[i]:g}: mean invariance bottom third {bottom:.3f}, top third {top:.3f}",
-            "values": {"magnitude": float(mags[i]), "bottom": bottom, "top": top}}
+    return _result(name, statement, lambda: top > bottom,
+                   f"at magnitude {mags[i]:g}: mean invariance bottom third {bottom:.3f}, top third {top:.3f}",
+                   {"magnitude": float(mags[i]), "bottom": bottom, "top": top},
+                   _bad_layers(analysis, ~np.isfinite(score[i])))
 
 
 def adjacent_more_similar(analysis: dict) -> dict:
@@ -75,10 +101,10 @@ def adjacent_more_similar(analysis: dict) -> dict:
     if L < 3:
         return {"name": name, "holds": None, "statement": statement, "evidence": "fewer than 3 layers"}
     gap = np.abs(np.subtract.outer(np.arange(L), np.arange(L)))
-    adjacent, distant = float(c[gap == 1].mean()), float(c[gap >= 2].mean())
-    return {"name": name, "holds": bool(adjacent > distant), "statement": statement,
-            "evidence": f"mean CKA of adjacent layers {adjacent:.3f}, of layers two or more apart {distant:.3f}",
-            "values": {"adjacent": adjacent, "distant": distant}}
+    adjacent, distant = _nanmean(c[gap == 1]), _nanmean(c[gap >= 2])
+    return _result(name, statement, lambda: adjacent > distant,
+                   f"mean CKA of adjacent layers {adjacent:.3f}, of layers two or more apart {distant:.3f}",
+                   {"adjacent": adjacent, "distant": distant}, _bad_layers(analysis, ~np.isfinite(np.diag(c))))
 
 
 def training_changes_top(analysis: dict) -> dict:
@@ -93,10 +119,9 @@ def training_changes_top(analysis: dict) -> dict:
                 "evidence": "the reference network has different layers: no layer-to-same-layer comparison"}
     d = np.diag(m)
     bottom, top = _thirds(d)
-    return {"name": name, "holds": bool(top < bottom), "statement": statement,
-            "evidence": f"CKA(layer, same layer of {ref}): bottom third {bottom:.3f}, top third {top:.3f} "
-                        "(lower = changed more)",
-            "values": {"bottom": bottom, "top": top}}
+    return _result(name, statement, lambda: top < bottom,
+                   f"CKA(layer, same layer of {ref}): bottom third {bottom:.3f}, top third {top:.3f} "
+                   "(lower = changed more)", {"bottom": bottom, "top": top}, _bad_layers(analysis, ~np.isfinite(d)))
 
 
 def check_patterns(analysis: dict) -> list[dict]:

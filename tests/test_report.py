@@ -191,3 +191,18 @@ def test_nan_from_constant_layers_is_left_out_or_undefined_never_failed(tmp_path
     rows = re.findall(r"<tr><td>(.*?)</td><td class='(\w+)'>(.*?)</td>", html)
     verdicts = {stmt: (cls, word) for stmt, cls, word in rows}
     assert verdicts["Adjacent layers are more similar (CKA) than distant ones."] == ("na", "undefined")
+
+
+def test_results_json_is_strict_and_reads_back_nan(tmp_path):
+    """NaN used to be written as a bare NaN literal (not JSON); now null, read back as NaN."""
+    from hierfast.report.schema import as_array
+
+    a = _hierarchy()
+    cka = np.array(a["cka"], dtype=float)
+    cka[0, :] = cka[:, 0] = np.nan
+    a["cka"] = cka
+    write_report(a, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    np.testing.assert_array_equal(as_array(saved["analysis"]["cka"]), cka)  # NaN where NaN, values elsewhere
+    assert saved["analysis"]["cka"][0][0] is None
+    assert check_patterns(saved["analysis"]) == json.loads(json.dumps(check_patterns(a)))

@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -49,13 +50,17 @@ def _png(fig) -> bytes:
 
 
 def _json_ready(v):
+    """Plain lists and numbers; NaN/inf become null (strict JSON; ``schema.as_array`` reads
+    null back as NaN)."""
     if isinstance(v, dict):
         return {str(k): _json_ready(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_json_ready(x) for x in v]
     if hasattr(v, "detach") or type(v).__module__ == "numpy":
         a = as_array(v)
-        return a.tolist() if a.ndim else float(a)
+        return _json_ready(a.tolist() if a.ndim else float(a))
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v
 
 
@@ -155,8 +160,8 @@ def write_report(analysis: dict, out_dir, *, title: str = "hierfast: the hierarc
     tmp.write_text("".join(parts), encoding="utf-8")
     os.replace(tmp, html_path)  # atomic: an interrupted write never leaves half a report
     json_path = out / "results.json"
-    payload = {"analysis": _json_ready(analysis), "patterns": patterns}
+    payload = {"analysis": _json_ready(analysis), "patterns": _json_ready(patterns)}
     tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False), encoding="utf-8")
     os.replace(tmp, json_path)
     return {"html": str(html_path), "json": str(json_path), "figures": paths, "patterns": patterns}

@@ -259,6 +259,142 @@ def test_meta_tensors_give_conv2ds_output():
                 assert m(x).shape == r.shape
 
 
+class _SharedConv(nn.Module):
+    """One conv module called at two places of forward."""
+
+    def __init__(self, second):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.second = second
+
+    def forward(self, x):
+        return F.relu(self.c(x)) + self.second(self.c(x))
+
+
+@pytest.mark.parametrize("second", [nn.Identity(), nn.Sigmoid()], ids=["plain", "sigmoid"])
+def test_fuse_leaves_a_conv_called_twice_alone(second):
+    torch.manual_seed(0)
+    model = _SharedConv(second).eval()
+    fused, report = fuse(model)
+    assert report == [{"layer": "c", "fused": False, "reason": report[0]["reason"]}]
+    assert "called at 2 places" in report[0]["reason"]
+    x = torch.randn(2, 3, 8, 8)
+    c = model.c
+    torch.testing.assert_close(fused(x), F.relu(F.conv2d(x, c.weight, c.bias, padding=1))
+                               + second(F.conv2d(x, c.weight, c.bias, padding=1)))
+
+
+def test_fuse_leaves_a_batchnorm_called_twice_alone():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.c1(x))) + self.bn(self.c2(x))
+
+    torch.manual_seed(0)
+    model = _randomise_bn(M()).eval()
+    fused, report = fuse(model)
+    assert [(r["layer"], r["fused"]) for r in report] == [("c1", False), ("c2", False)]
+    assert all("'bn' is called at 2 places" in r["reason"] for r in report)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["conv", "conv_bn"])
+def test_fuse_keeps_frozen_layers_frozen(batchnorm):
+    for frozen in (False, True):
+        layers = [nn.Conv2d(3, 4, 3, bias=not batchnorm)] + ([nn.BatchNorm2d(4)] if batchnorm else []) + [nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Conv2d(4, 4, 1), nn.ReLU()).eval()
+        model[0].requires_grad_(not frozen)
+        fused, report = fuse(model)
+        assert all(r["fused"] for r in report) and len(report) == 2
+        assert [p.requires_grad for p in fused[0].parameters()] == [not frozen] * 2
+        assert all(p.requires_grad for p in fused[len(layers)].parameters())
+        copied = Conv2dAct.from_conv(model[0])
+        assert [p.requires_grad for p in copied.parameters()] == [p.requires_grad for p in model[0].parameters()]
+
+
+def test_fuse_keeps_shared_weights_tied_and_the_optimizers_parameters():
+    """Without BN the fused layer holds the conv's own Parameters: a conv at two places stays
+    tied, and an optimizer built before fuse(inplace=True) still trains the model."""
+    torch.manual_seed(0)
+    c = nn.Conv2d(4, 4, 3, padding=1)
+    for model in (nn.Sequential(c, nn.ReLU(), c), nn.Sequential(nn.Sequential(c, nn.ReLU()), nn.Sequential(c, nn.GELU()))):
+        ref = [p.detach().clone() for p in c.parameters()]
+        fused, report = fuse(model)
+        x = torch.randn(2, 4, 6, 6)
+        torch.testing.assert_close(fused(x), model(x))
+        w = [m.weight for m in fused.modules() if isinstance(m, nn.Conv2d)]
+        assert len(w) == 2 and w[0] is w[1]
+        assert all(torch.equal(a, b) for a, b in zip(c.parameters(), ref))  # a copy: c is unchanged
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fused, _ = fuse(model, inplace=True)
+    before = fused[0].weight.detach().clone()
+    fused(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    assert not torch.equal(fused[0].weight, before)
+
+
+def test_fuse_does_not_fold_bn_into_tied_weights():
+    """Folding a BN makes new weights: where the conv's parameters are shared (one module at two
+    places, or tied by hand), the fold is refused and reported, and the ties hold."""
+    torch.manual_seed(0)
+    c, d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+    d.weight = c.weight
+    for model, layer in ((nn.Sequential(c, nn.BatchNorm2d(4), nn.ReLU(), c), "0"),
+                         (nn.Sequential(c, nn.ReLU(), d, nn.BatchNorm2d(4), nn.ReLU()), "2")):
+        model = _randomise_bn(model).eval()
+        fused, report = fuse(model)
+        refused = [r for r in report if not r["fused"]]
+        assert [r["layer"] for r in refused] == [layer] and "shared with another layer" in refused[0]["reason"]
+        w = [m.weight for _, m in fused.named_modules(remove_duplicate=False) if isinstance(m, nn.Conv2d)]
+        assert len(w) == 2 and w[0] is w[1]
+        x = torch.randn(2, 4, 6, 6)
+        torch.testing.assert_close(fused(x), model(x))
+
+
+class _ConvBnRelu(nn.Module):
+    def __init__(self, bn):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 4, 3, padding=1), bn
+
+    def forward(self, x):
+        return F.relu(self.bn(self.c(x)))
+
+
+@pytest.mark.parametrize("bn,reason", [
+    (nn.BatchNorm2d(4), "training mode"),
+    (nn.BatchNorm2d(4, track_running_stats=False).eval(), "no running statistics"),
+    (nn.SyncBatchNorm(4).eval(), "not a BatchNorm2d"),
+], ids=["training", "no_running_stats", "sync"])
+def test_fuse_fx_reports_refused_batchnorm(bn, reason):
+    model = _ConvBnRelu(bn)
+    fused, report = fuse(model)
+    assert [(r["layer"], r["fused"]) for r in report] == [("c", False)] and reason in report[0]["reason"]
+    assert type(fused.c) is nn.Conv2d
+
+
+def test_fuse_fx_folds_a_bn_whose_output_has_other_users():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            z = self.bn(self.c(x))
+            return z.relu() + z
+
+    torch.manual_seed(0)
+    model = _randomise_bn(M()).eval()
+    fused, report = fuse(model)
+    assert report[0]["fused"] and report[0]["batchnorm"] and report[0]["activation"] == "identity"
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_fuse_keeps_numpy_integer_arguments_working():
     np = pytest.importorskip("numpy")
     torch.manual_seed(0)

@@ -10,6 +10,21 @@ from ..functional import conv2d_act, needs_torch_ops
 from ..ops import activations as A
 
 
+def _copy_parameters(m: nn.Conv2d, conv: nn.Conv2d) -> None:
+    """``m``'s parameters set to copies of ``conv``'s, with their memory format and
+    ``requires_grad`` (a frozen layer stays frozen)."""
+    w = conv.weight
+    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)  # keep the layout
+    with torch.no_grad():
+        m.weight.copy_(w)
+        if conv.bias is not None:
+            m.bias.copy_(conv.bias)
+    m.weight.requires_grad_(w.requires_grad)
+    if conv.bias is not None:
+        m.bias.requires_grad_(conv.bias.requires_grad)
+
+
 class Conv2dAct(nn.Conv2d):
     """``activation(nn.Conv2d(...)(x))`` fused (hierfast.functional.conv2d_act).
 
@@ -36,18 +51,23 @@ class Conv2dAct(nn.Conv2d):
         self._count = 0
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, activation="relu", **act_kwargs) -> "Conv2dAct":
-        """A ``Conv2dAct`` sharing ``conv``'s configuration, with copies of its parameters."""
+    def from_conv(cls, conv: nn.Conv2d, activation="relu", *, share_parameters: bool = False,
+                  **act_kwargs) -> "Conv2dAct":
+        """A ``Conv2dAct`` with ``conv``'s configuration and copies of its parameters (their
+        layout and ``requires_grad`` kept), or with ``share_parameters`` its very ``Parameter``
+        objects (tied weights stay tied; an optimizer built on ``conv`` trains the new layer)."""
         w = conv.weight
+        shared = share_parameters and all(t is None or isinstance(t, nn.Parameter) for t in (w, conv.bias))
+        if share_parameters and not shared:
+            raise TypeError("share_parameters=True needs conv.weight and conv.bias to be nn.Parameter (or a "
+                            "None bias); pass share_parameters=False to copy them")
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, conv.bias is not None, conv.padding_mode, device=w.device, dtype=w.dtype,
-                activation=activation, **act_kwargs)
-        if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
-            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)  # keep the layout
-        with torch.no_grad():
-            m.weight.copy_(w)
-            if conv.bias is not None:
-                m.bias.copy_(conv.bias)
+                conv.groups, conv.bias is not None, conv.padding_mode, device="meta" if shared else w.device,
+                dtype=w.dtype, activation=activation, **act_kwargs)  # meta: no initialisation to throw away
+        if shared:
+            m.weight, m.bias = w, conv.bias
+        else:
+            _copy_parameters(m, conv)
         m.train(conv.training)
         return m
 

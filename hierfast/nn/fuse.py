@@ -11,6 +11,7 @@ extractors, models with data-dependent control flow around traceable blocks).
 """
 from __future__ import annotations
 
+import collections
 import copy
 
 import torch
@@ -77,12 +78,34 @@ def _foldable_bn(bn, conv) -> str | None:
     return None
 
 
+def _shared_parameters(model: nn.Module) -> set:
+    """ids of the parameters held at more than one place of ``model``'s tree: tied weights, or
+    one module at several places (``nn.Sequential(c, nn.ReLU(), c)``)."""
+    seen, shared = set(), set()
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
+def _tied_reason(conv: nn.Conv2d, bn, shared: set) -> str | None:
+    """Why folding ``bn`` into ``conv`` would be wrong: the folded weights are new tensors, so
+    parameters ``conv`` shares with another place would come untied (and drift in training)."""
+    if bn is not None and any(p is not None and id(p) in shared for p in (conv.weight, conv.bias)):
+        return ("Conv2d's parameters are shared with another layer (tied weights, or the module at several "
+                "places); folding the BatchNorm into them would untie them")
+    return None
+
+
 def _fused(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act_name: str, act_kwargs: dict) -> Conv2dAct:
-    """The replacement layer; BN folded in float64: w' = w * s, b' = (b - mean) * s + beta,
-    s = gamma / sqrt(var + eps)."""
-    m = Conv2dAct.from_conv(conv, act_name, **act_kwargs)
+    """The replacement layer: without BN it holds ``conv``'s own Parameter objects (ties and
+    optimizers keep working); BN folded in float64 into new ones: w' = w * s,
+    b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps), trainable as ``conv.weight`` was."""
     if bn is None:
-        return m
+        shareable = all(t is None or isinstance(t, nn.Parameter) for t in (conv.weight, conv.bias))
+        return Conv2dAct.from_conv(conv, act_name, share_parameters=shareable, **act_kwargs)
+    m = Conv2dAct.from_conv(conv, act_name, **act_kwargs)
     with torch.no_grad():
         w = conv.weight.to(torch.float64)
         var, mean = bn.running_var.to(torch.float64), bn.running_mean.to(torch.float64)
@@ -94,6 +117,7 @@ def _fused(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act_name: str, act_kwargs
             m.bias = nn.Parameter(torch.empty_like(conv.weight[:, 0, 0, 0]))
         m.weight.copy_(w * s[:, None, None, None])
         m.bias.copy_((b - mean) * s + beta)
+    m.bias.requires_grad_(conv.weight.requires_grad)  # the folded bias holds the BN's shift
     return m
 
 
@@ -102,7 +126,7 @@ def _act_of_module(m):
     return f(m) if f else None
 
 
-def _fuse_sequentials(model: nn.Module, report: list) -> None:
+def _fuse_sequentials(model: nn.Module, report: list, shared: set) -> None:
     for prefix, seq in list(model.named_modules()):
         if not isinstance(seq, nn.Sequential):
             continue
@@ -127,7 +151,7 @@ def _fuse_sequentials(model: nn.Module, report: list) -> None:
             if act is None and bn is None:
                 i += 1
                 continue
-            why = _hook_reason(conv, bn, seq._modules[keys[j]] if act else None)
+            why = _tied_reason(conv, bn, shared) or _hook_reason(conv, bn, seq._modules[keys[j]] if act else None)
             if why:
                 report.append({"layer": _join(prefix, keys[i]), "fused": False, "reason": why})
                 i = j + (1 if act else 0)
@@ -172,7 +196,7 @@ def _has_plain_conv(module: nn.Module) -> bool:
     return any(type(m) is nn.Conv2d for m in module.modules())
 
 
-def _fuse_fx_tree(module: nn.Module, report: list, prefix: str = "") -> nn.Module:
+def _fuse_fx_tree(module: nn.Module, report: list, shared: set, prefix: str = "") -> nn.Module:
     """The fx pass on ``module``, or, where it is an ``nn.Sequential`` (whose indices must stay)
     or cannot be traced, on each child that holds a plain Conv2d; returns the module to use."""
     if not _has_plain_conv(module) or type(module) is nn.Conv2d:
@@ -185,42 +209,70 @@ def _fuse_fx_tree(module: nn.Module, report: list, prefix: str = "") -> nn.Modul
                            "reason": f"torch.fx could not trace {prefix or 'the model'} ({type(exc).__name__}: "
                                      f"{exc}); its children were traced one by one, its own convs left alone"})
         else:
-            return _fuse_graph(module, graph, report, prefix)
+            return _fuse_graph(module, graph, report, shared, prefix)
     for name, child in list(module.named_children()):
-        new = _fuse_fx_tree(child, report, _join(prefix, name))
+        new = _fuse_fx_tree(child, report, shared, _join(prefix, name))
         if new is not child:
             module._modules[name] = new
     return module
 
 
-def _fuse_graph(model: nn.Module, graph, report: list, prefix: str):
+def _chain(node, modules):
+    """``(bn_node, act_node, act)`` after conv ``node``: the BatchNorm and activation calls that
+    follow it, each the sole user of the value before it (None where there is none)."""
+    if len(node.users) != 1:
+        return None, None, None
+    nxt, bn_node = next(iter(node.users)), None
+    if nxt.op == "call_module" and isinstance(modules[nxt.target], nn.modules.batchnorm._BatchNorm):
+        bn_node = nxt
+        if len(nxt.users) != 1:
+            return bn_node, None, None  # the BN's output is used elsewhere too: fold it, no activation
+        nxt = next(iter(nxt.users))
+    act = _act_of_node(nxt, modules) if nxt.args and nxt.args[0] is (bn_node or node) else None
+    return bn_node, (nxt if act else None), act
+
+
+def _repeated_call_reason(gm, calls, *nodes) -> str | None:
+    """Why these module calls may not be fused: one module called at several places of
+    ``forward`` (replacing it would give every call the activation / folded BN of one)."""
+    for n in nodes:
+        if n is not None and calls[n.target] > 1:
+            kind = type(gm.get_submodule(n.target)).__name__
+            return (f"{kind} '{n.target}' is called at {calls[n.target]} places in forward; fusing one call would "
+                    "change them all")
+    return None
+
+
+def _refuse(report, layer, why):
+    if not any(r["layer"] == layer and not r["fused"] for r in report):  # once (the Sequential pass's, a repeat)
+        report.append({"layer": layer, "fused": False, "reason": why})
+
+
+def _fuse_graph(model: nn.Module, graph, report: list, shared: set, prefix: str):
     gm = fx.GraphModule(model, graph)
     modules = dict(gm.named_modules())
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not _plain_conv(modules.get(node.target)) or len(node.users) != 1:
+        if node.op != "call_module" or not _plain_conv(modules.get(node.target)):
             continue
-        conv, nxt, bn, dead = modules[node.target], next(iter(node.users)), None, []
-        if nxt.op == "call_module" and isinstance(modules[nxt.target], nn.modules.batchnorm._BatchNorm):
-            if _foldable_bn(modules[nxt.target], conv) or len(nxt.users) != 1:
-                continue
-            bn, dead, nxt = modules[nxt.target], [nxt], next(iter(nxt.users))
-        act = _act_of_node(nxt, modules) if nxt.args and nxt.args[0] is (dead[-1] if dead else node) else None
-        if act is None and bn is None:
+        bn_node, act_node, act = _chain(node, modules)
+        if bn_node is None and act_node is None:
             continue
-        why = _hook_reason(conv, bn, modules[nxt.target] if act and nxt.op == "call_module" else None)
+        conv = modules[node.target]
+        bn = modules[bn_node.target] if bn_node is not None else None
+        why = (_repeated_call_reason(gm, calls, node, bn_node) or (bn is not None and _foldable_bn(bn, conv))
+               or _tied_reason(conv, bn, shared)
+               or _hook_reason(conv, bn, modules[act_node.target] if act_node is not None
+                               and act_node.op == "call_module" else None))
         if why:
-            layer = _join(prefix, node.target)
-            if not any(r["layer"] == layer and not r["fused"] for r in report):  # the Sequential pass's
-                report.append({"layer": layer, "fused": False, "reason": why})
+            _refuse(report, _join(prefix, node.target), why)
             continue
         name, kw = act if act else ("identity", {})
-        if act:
-            dead.append(nxt)
+        dead = [d for d in (bn_node, act_node) if d is not None]
         fused = _fused(conv, bn, name, kw)
         _set_submodule(gm, node.target, fused)
-        last = dead[-1]
-        last.replace_all_uses_with(node)
+        dead[-1].replace_all_uses_with(node)
         for d in reversed(dead):
             gm.graph.erase_node(d)
         changed = True
@@ -246,7 +298,14 @@ def fuse(model: nn.Module, inplace: bool = False):
     Args:
         model: any ``nn.Module``. BatchNorm is folded only in eval mode (running stats).
         inplace: modify ``model`` itself (else a deep copy). Where the fx pass fuses the model
-            as a whole, it returns a new ``GraphModule`` either way.
+            as a whole, it returns a new ``GraphModule`` either way. A fused layer without BN
+            keeps the conv's own ``Parameter`` objects; one with BN folded has NEW ones: an
+            optimizer built before fusing must be rebuilt (on ``fused_model.parameters()``).
+
+    Fused layers keep ``requires_grad`` (a folded layer is trainable as its conv's weight was),
+    and tied parameters stay tied. Left alone (and reported): a conv or BN module called at more
+    than one place of ``forward``, a BN fold into a conv whose parameters are shared with
+    another place, BN in training mode or without running statistics, hooked layers.
 
     Returns:
         ``(fused_model, report)``: report is a list of dicts, one per candidate layer:
@@ -262,6 +321,7 @@ def fuse(model: nn.Module, inplace: bool = False):
             raise ValueError(f"fuse(model) works on a copy, and torch cannot copy this model ({exc}); "
                              "pass inplace=True to fuse it in place") from exc
     report: list = []
-    _fuse_sequentials(model, report)
-    model = _fuse_fx_tree(model, report)
+    shared = _shared_parameters(model)
+    _fuse_sequentials(model, report, shared)
+    model = _fuse_fx_tree(model, report, shared)
     return model, report

@@ -246,3 +246,25 @@ def test_tiny_but_nonzero_variance_is_not_a_constant_layer(dtype):
                 t64 = tiny.double().numpy()
                 ref = cka(gram_linear(t64 - t64.mean(0)), gram_linear(y.to(dtype).double().numpy()), debiased)
                 assert got == pytest.approx(ref, rel=1e-3), (form, debiased)
+
+
+def test_extreme_magnitudes_keep_cka_scale_invariant():
+    # float32 ~1e-25: Gram squares underflowed (NaN + a false constant warning); float64 1e80: HSIC
+    # overflowed (0.0)
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(40, 300, generator=g)
+    ys = xs[:, :50] + torch.randn(40, 50, generator=g)
+    x64 = torch.randn(57, 6, generator=g, dtype=torch.float64)
+    y64 = x64[:, :3] @ torch.randn(3, 4, generator=g, dtype=torch.float64)
+    cases = [(xs * 1e-25, ys, xs.double(), ys.double()), (x64 * 1e80, y64, x64, y64),
+             (x64 * 1e-200, y64 * 1e-150, x64, y64)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConstantLayerWarning)
+        for x, y, rx, ry in cases:
+            for debiased in (False, True):
+                ref = cka(gram_linear(rx.numpy()), gram_linear(ry.numpy()), debiased)
+                for form in ("feature", "gram"):
+                    got = linear_cka(x, y, debiased=debiased, form=form).item()
+                    assert got == pytest.approx(ref, abs=1e-5), (form, debiased, x.dtype)
+                m = cka_matrix([x], [y], debiased=debiased)
+                assert m.item() == pytest.approx(ref, abs=1e-5)

@@ -168,3 +168,18 @@ def test_accumulator_survives_a_constant_layer_and_large_offsets():
         assert r["twonn"][1] != r["twonn"][1] and r["participation_ratio"][1] != r["participation_ratio"][1]
         assert r["twonn"][0] == r["twonn"][0]
     assert merged.compute()["participation_ratio"][0].item() == pytest.approx(ref_pr, rel=1e-9)  # was 2.33203
+
+
+def test_participation_ratio_and_effective_rank_are_scale_invariant_at_extremes():
+    x = torch.randn(300, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = x * torch.tensor([3.0, 2, 1, 1, 0.5], dtype=torch.float64)
+    lam = torch.linalg.eigvalsh(torch.cov(x.T))
+    ref_pr = float(lam.sum() ** 2 / (lam ** 2).sum())
+    sig = lam.sqrt() / lam.sqrt().sum()
+    ref_er = float(torch.exp(-(sig * sig.log()).sum()))
+    for scale in (1e80, 1e160, 1e-160):  # 1e80 raised a bare OverflowError
+        assert participation_ratio(x * scale) == pytest.approx(ref_pr, rel=1e-9)
+        assert effective_rank(x * scale) == pytest.approx(ref_er, rel=1e-9)
+    acc = DimensionAccumulator(resamples=1)
+    acc.update([x * 1e80])
+    assert acc.compute()["participation_ratio"][0].item() == pytest.approx(ref_pr, rel=1e-9)

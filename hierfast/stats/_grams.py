@@ -104,10 +104,35 @@ def centered_gram(x: torch.Tensor, label: str = "x", *, backend: str | None = No
 def centred_float64(x: torch.Tensor) -> torch.Tensor:
     """(n, d) float64 features minus their column means, exactly 0 in exactly constant
     columns (whose centring would leave rounding residues). For the feature-space and
-    spectrum paths, whose O(n d^2) cost dwarfs this O(n d) min/max."""
+    spectrum paths, whose O(n d^2) cost dwarfs this O(n d) min/max.
+
+    For scale-invariant callers only: when the widest column range is beyond 2^+-200
+    (fourth powers would overflow or underflow float64), the result is multiplied by a
+    power of two (exact) that brings it to about 1."""
     x64 = x.to(torch.float64)
     lo, hi = torch.aminmax(x64, dim=0)
-    return (x64 - x64.mean(0)).masked_fill_((lo == hi)[None, :], 0.0)
+    xc = (x64 - x64.mean(0)).masked_fill_((lo == hi)[None, :], 0.0)
+    k = pow2_exponent(float((hi - lo).max()))
+    return xc.mul_(2.0 ** k) if k else xc
+
+
+def pow2_exponent(spread: float, limit: int = 200) -> int:
+    """k such that spread * 2^k is about 1 when ``spread`` lies outside [2^-limit, 2^limit], else 0."""
+    if not (math.isfinite(spread) and spread > 0):
+        return 0
+    e = math.frexp(spread)[1]
+    return -e if abs(e) > limit else 0
+
+
+def rescaled_copy(x: torch.Tensor) -> torch.Tensor:
+    """``(x - x[0]) * 2^k`` (a copy; shift and power of two keep every CKA exact) with the
+    widest column range brought to about 1, in float32 (float64 for float64 ``x``).
+    For the rare layer whose Gram under- or overflowed; costs two passes over ``x``."""
+    x64 = x.to(torch.float64) - x[:1].to(torch.float64)
+    lo, hi = torch.aminmax(x64, dim=0)
+    spread = float((hi - lo).max())
+    k = -math.frexp(spread)[1] if math.isfinite(spread) and spread > 0 else 0
+    return x64.mul_(2.0 ** k).to(compute_dtype(x))
 
 
 def _row_blocks(n: int) -> int:

@@ -32,6 +32,32 @@ def _helper(xty, a, b, n):
     return xty - n / (n - 2) * torch.dot(a, b) + a.sum() * b.sum() / ((n - 1) * (n - 2))
 
 
+# Self-HSIC below this (or non-finite) while the layer is not constant: its Gram or HSIC
+# under- or overflowed (float32 features ~1e-25, float64 ~1e80): recomputed rescaled. A
+# float32 Gram is subnormal (imprecise) well before its HSIC reaches 0: Gram entries of
+# 2^-100 give a self-HSIC of about 2^-200.
+def _tiny_hsic(x: torch.Tensor) -> float:
+    return 2.0 ** -900 if x.dtype == torch.float64 else 2.0 ** -200
+
+
+def _one_shot_grams(xs, labels, *, unbiased, kernel, threshold, backend):
+    """:func:`_grams.stacked_centered_grams` for the one-shot functions, whose per-layer
+    normalisation makes each row's scale free: a row whose self-HSIC under- or overflowed is
+    recomputed from the layer shifted and scaled by a power of two. The check reads the
+    (L,) self-HSICs only, so the normal path does no extra work."""
+    F = _grams.stacked_centered_grams(xs, labels, unbiased=unbiased, kernel=kernel, threshold=threshold,
+                                      backend=backend)
+    d = torch.einsum("ij,ij->i", F, F)
+    tiny = torch.tensor([_tiny_hsic(x) for x in xs], dtype=torch.float64, device=d.device)
+    for i in (~torch.isfinite(d) | (d < tiny)).nonzero().flatten().tolist():
+        x = xs[i]
+        if bool((x == x[:1]).all()):  # constant: its zero row is right (NaN with a warning)
+            continue
+        F[i] = _grams.stacked_centered_grams([_grams.rescaled_copy(x)], [labels[i]], unbiased=unbiased,
+                                             kernel=kernel, threshold=threshold, backend=backend)[0]
+    return F
+
+
 def _linear_cka_feature_space(x, y, debiased):
     """Feature-space form on centred float64 features: O(n d_x d_y). Exactly constant
     columns are centred to exact zeros (a constant layer: NaN with a warning)."""
@@ -49,8 +75,8 @@ def _linear_cka_feature_space(x, y, debiased):
 
 
 def _cka_gram_space(x, y, debiased, kernel, threshold, backend):
-    F = _grams.stacked_centered_grams([x, y], ["x", "y"], unbiased=debiased, kernel=kernel, threshold=threshold,
-                                      backend=backend)
+    F = _one_shot_grams([x, y], ["x", "y"], unbiased=debiased, kernel=kernel, threshold=threshold,
+                        backend=backend)
     hsic = F @ F.T
     return cka_from_hsic(hsic[0:1, 1:2], hsic[0, 0].reshape(1), hsic[1, 1].reshape(1), ["x"], ["y"])[0, 0]
 
@@ -152,8 +178,8 @@ def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", debiased: bool 
     xs_a = [as_features(x, lab, min_n=_min_n(debiased), check_finite=False) for x, lab in zip(xs_a, labels_a)]
     if feats_b is None:
         check_same_batch(xs_a, labels_a)
-        F = _grams.stacked_centered_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
-                                          backend=backend)
+        F = _one_shot_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
+                            backend=backend)
         hsic = F @ F.T
         d = hsic.diagonal().clone()
         shown = names_a or [str(i) for i in range(len(xs_a))]
@@ -162,10 +188,10 @@ def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", debiased: bool 
     labels_b = [layer_label(names_b, i, "feats_b") for i in range(len(xs_b))]
     xs_b = [as_features(x, lab, min_n=_min_n(debiased), check_finite=False) for x, lab in zip(xs_b, labels_b)]
     check_same_batch(xs_a + xs_b, labels_a + labels_b)
-    Fa = _grams.stacked_centered_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
-                                       backend=backend)
-    Fb = _grams.stacked_centered_grams(xs_b, labels_b, unbiased=debiased, kernel=kernel, threshold=threshold,
-                                       backend=backend)
+    Fa = _one_shot_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
+                         backend=backend)
+    Fb = _one_shot_grams(xs_b, labels_b, unbiased=debiased, kernel=kernel, threshold=threshold,
+                         backend=backend)
     cross = Fa @ Fb.T
     sa = torch.einsum("ij,ij->i", Fa, Fa)
     sb = torch.einsum("ij,ij->i", Fb, Fb)

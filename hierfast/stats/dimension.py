@@ -100,19 +100,28 @@ def twonn(x, *, fraction: float = 0.9, resamples: int = 10, seed: int = 0) -> tu
 
 
 def _spectrum(x: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues (>= 0) of the covariance of the rows of x (from the Gram when n < d)."""
+    """Eigenvalues (>= 0) of the covariance of the rows of x (from the Gram when n < d), up to a
+    power-of-two factor for features beyond 2^+-200 (:func:`centred_float64`)."""
     xc = centred_float64(x)  # exact zeros in constant columns: a constant layer's spectrum is exactly 0
     m = xc @ xc.T if xc.shape[0] < xc.shape[1] else xc.T @ xc
     return torch.linalg.eigvalsh(m).clamp_min(0.0) / max(x.shape[0] - 1, 1)
 
 
+def _unit_max(lam: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues over their largest (PR and erank are scale-invariant; (Σλ)² of λ ~ 1e160
+    overflowed a Python float)."""
+    top = lam.max()
+    return lam / top if float(top) > 0 else lam
+
+
 def _pr(lam: torch.Tensor) -> float:
+    lam = _unit_max(lam)
     s2 = float((lam * lam).sum())
     return float(lam.sum()) ** 2 / s2 if s2 > 0 else float("nan")
 
 
 def _erank(lam: torch.Tensor) -> float:
-    sig = lam.sqrt()
+    sig = _unit_max(lam).sqrt()
     tot = float(sig.sum())
     if tot <= 0:
         return float("nan")

@@ -324,6 +324,31 @@ def test_results_save_load_to_dict_plot(tmp_path):
 
 
 # -- selection and bad input ------------------------------------------------------------------
+class Aliased(nn.Module):
+    """``self.shared`` is another name of ``self.a`` (named_modules lists it once, as "a")."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.shared = self.a
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(self.shared(x).relu())
+
+
+def test_a_module_alias_selects_the_module_under_its_first_name():
+    net = Aliased()
+    x = torch.randn(8, 4)
+    assert net.get_submodule("shared") is net.a
+    assert LayerCapture(net, ["shared", "b"]).names == ["a", "b"]
+    res = analyze(net, [x], layers=["shared", "b"], stats=("sparsity",), progress=False)
+    with torch.no_grad():
+        ref = torch.stack([(net.a(x) > 0).double().mean(), (net(x) > 0).double().mean()])
+    assert res.layers == ["a", "b"]
+    torch.testing.assert_close(res.sparsity, ref, atol=1e-12, rtol=0)
+
+
 def test_selection_kinds_and_unknown_names():
     net = InplaceCNN()
     assert LayerCapture(net, "conv*").names == ["conv1", "conv2"]

@@ -46,7 +46,9 @@ def select_layers(model: nn.Module, layers=None, *, arg: str = "layers") -> list
 
     Raises:
         ValueError: an exact name that is not a submodule (the message lists the closest
-            names), a pattern/type that matches nothing, or an empty overall selection.
+            names), a pattern/type that matches nothing, or an empty overall selection. An
+            alias of a shared module (``self.shared = self.a``) selects it under its first
+            name (``"a"``), as ``named_modules`` lists it.
         TypeError: an entry of an unsupported kind.
     """
     if not isinstance(model, nn.Module):
@@ -71,6 +73,8 @@ def select_layers(model: nn.Module, layers=None, *, arg: str = "layers") -> list
                                      f"{_closest(s, names)}")
             elif s in names:
                 hit = [s]
+            elif alias_of(model, s) is not None:
+                hit = [alias_of(model, s)]
             else:
                 raise ValueError(f"{arg}: {type(model).__name__} has no submodule named {s!r}; closest names: "
                                  f"{_closest(s, names)} (see model.named_modules())")
@@ -88,6 +92,16 @@ def select_layers(model: nn.Module, layers=None, *, arg: str = "layers") -> list
         raise ValueError(f"no layer matched {arg}={layers!r}; submodules are: {names[:20]}"
                          + (" ..." if len(names) > 20 else ""))
     return [(n, m) for n, m in cands if n in chosen]
+
+
+def alias_of(model: nn.Module, name: str) -> str | None:
+    """The ``named_modules`` name of the module that ``name`` reaches through an alias
+    (``self.shared = self.a``: ``"shared"`` -> ``"a"``), or None if it names no submodule."""
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return next((n for n, m in named_candidates(model) if m is target), None)
 
 
 def _call_pred(pred: Callable, name: str, module: nn.Module) -> bool:

@@ -147,7 +147,10 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
         checkpoint: file path; states and the next batch index are written atomically every
             ``checkpoint_every`` batches, at the end, and when the run stops on an exception.
             If the file exists the run resumes from it (earlier batches are read from
-            ``data`` and discarded, not run), giving exactly the uninterrupted result.
+            ``data`` and discarded, not run), giving exactly the uninterrupted result. A
+            checkpoint written with another configuration (statistics and their options,
+            reduce, output_fn, compare_to, selected layers, their parameter shapes) is refused
+            with a ValueError saying what differs.
             Distributed runs write one file per rank (``name.rank{r}.pt``).
         on_nonfinite: ``"raise"`` (ValueError naming the layer and batch) or ``"skip"`` (the
             batch is left out of every statistic, counted in ``Results.n_skipped``, warned).
@@ -162,7 +165,9 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
 
     Returns:
         :class:`Results` with ``.layers``, ``.shapes``, ``.n_samples`` and one attribute per
-        statistic (``.cka``: ``(La, Lb)`` float64).
+        statistic (``.cka``: ``(La, Lb)`` float64). A batch with fewer samples than a statistic
+        needs (``"cka"``: 4, ``"invariance"``: 2) is left out of that statistic only, with a
+        warning, and counted in ``.skipped_small``.
 
     Example:
         >>> import torch, hierfast

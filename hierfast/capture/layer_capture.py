@@ -6,7 +6,7 @@ from torch import nn
 
 from ._outputs import _takes_three, pick_output, time_major_names
 from ._reduce import check_policy, policy_for, reduce_output
-from ._select import select_layers
+from ._select import alias_of, select_layers
 
 
 class LayerCapture:
@@ -59,7 +59,8 @@ class LayerCapture:
         # exact names the user asked for: analyze checks that they run (a module the forward
         # bypasses, e.g. nn.MultiheadAttention.out_proj, would otherwise be silently absent)
         specs = layers if isinstance(layers, (list, tuple, set)) else [layers]
-        self.required = [s for s in specs if isinstance(s, str) and not any(c in s for c in "*?[")]
+        self.required = [s if s in self.names else (alias_of(model, s) or s) for s in specs
+                         if isinstance(s, str) and not any(c in s for c in "*?[")]
         check_policy(reduce)
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable f(out) or f(name, module, out), got {type(output_fn).__name__}")

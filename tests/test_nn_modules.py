@@ -321,7 +321,8 @@ def test_fuse_keeps_shared_weights_tied_and_the_optimizers_parameters():
     tied, and an optimizer built before fuse(inplace=True) still trains the model."""
     torch.manual_seed(0)
     c = nn.Conv2d(4, 4, 3, padding=1)
-    for model in (nn.Sequential(c, nn.ReLU(), c), nn.Sequential(nn.Sequential(c, nn.ReLU()), nn.Sequential(c, nn.GELU()))):
+    two_sequentials = nn.Sequential(nn.Sequential(c, nn.ReLU()), nn.Sequential(c, nn.GELU()))
+    for model in (nn.Sequential(c, nn.ReLU(), c), two_sequentials):
         ref = [p.detach().clone() for p in c.parameters()]
         fused, report = fuse(model)
         x = torch.randn(2, 4, 6, 6)

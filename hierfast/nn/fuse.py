@@ -4,7 +4,8 @@ Two passes: (1) every ``nn.Sequential`` run ``Conv2d, [BatchNorm2d], activation`
 (the BN and activation slots become ``nn.Identity`` so other indices and state_dict
 keys stay put); (2) when Conv2d layers remain outside such runs, a ``torch.fx``
 trace, fusing ``conv -> [bn] -> activation`` chains whose intermediate results have no
-other user: of the model (then the returned model is a ``GraphModule``), or, where the
+other user (a BN whose output has others is folded without the activation), each module
+called once in ``forward``: of the model (then the returned model is a ``GraphModule``), or, where the
 model is an ``nn.Sequential`` (its indices stay) or cannot be traced, of each child that
 holds such convs, recursively (``nn.Sequential(*resnet.children())[:-1]``-style feature
 extractors, models with data-dependent control flow around traceable blocks).

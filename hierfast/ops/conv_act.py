@@ -148,8 +148,9 @@ _FROZEN = contextvars.ContextVar("hierfast_frozen_weights", default=False)
 @contextlib.contextmanager
 def frozen_weights():
     """Opt-in: inside this block, CPU inference keeps oneDNN's blocked copy of each weight
-    between calls instead of reordering it on every call (ResNet-18, channels_last, 2 threads,
-    2026-12-02: 1.46x at N = 1, 1.05x at N = 8; :func:`_packed_weight`).
+    between calls instead of reordering it on every call (fused ResNet-18, 224 px, channels_last,
+    2 threads, 2026-12-02, three interleaved runs: 1.34-1.46x at N = 1, 1.05-1.09x at N = 8; a
+    3x3 64 @14 N = 1 layer 1.16-1.21x; :func:`_packed_weight`).
 
     The promise made: inside the block, weights change only through ops autograd's version
     counter records (in-place ops on the parameter itself, optimizer steps,

@@ -8,7 +8,9 @@ forward (inference, no_grad) and forward+backward (input grad except for the ste
 weight and bias grads). Every provider's output (forward) or weight gradient
 (forward+backward) is compared with a float64 evaluation of the same layer.
 
-Providers: eager conv + activation, hierfast Conv2dAct, torch.compile (default), on a GPU
+Providers: eager conv + activation, hierfast Conv2dAct (as it runs by default; on the CPU forward
+rows also inside ``hierfast.nn.frozen_weights()``, the opt-in block that keeps oneDNN's blocked
+weight between calls), torch.compile (default), on a GPU
 also torch.compile(mode="max-autotune") (HIERFAST_CONV_MAX_AUTOTUNE=0 leaves it out) and
 each hierfast GPU backend forced ("hierfast backend=cuda": cuDNN + our epilogue kernel;
 "hierfast backend=triton": our Triton kernels) where the automatic choice is another one,
@@ -20,6 +22,8 @@ Run: ``python benchmarks/run.py conv [--quick]``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import time
@@ -32,6 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from _common import row  # noqa: E402
+from hierfast.nn import frozen_weights  # noqa: E402
 
 # name, C_in, C_out, k, stride, padding, groups, H (=W)
 LAYERS = [
@@ -50,6 +55,7 @@ TARGET_13 = ("stem", "dw3x3")  # layers with the >= 1.3x CPU target
 # activation can give. (hierfast's fused depthwise backward replaces torch's convolution
 # backward, so its training step can beat this row.)
 BOUND = "conv alone (fusion bound)"
+FROZEN = "hierfast frozen_weights"
 
 
 def _interleaved(fns: dict, *, budget_s: float, min_repeats: int, max_repeats: int, device=None) -> dict:
@@ -224,7 +230,10 @@ def run(quick: bool = False) -> list[dict]:
             for mode in ("fwd", "fwd+bwd"):
                 wl = f"{name} {act} {mode} (N={n})"
                 flops = _flops(layer, n) * (1 if mode == "fwd" else 3)
-                provs = (("eager conv+act", eager), ("hierfast Conv2dAct", fused), *forced,
+                # CPU inference inside hierfast.nn.frozen_weights() (opt-in: oneDNN's blocked weight
+                # kept between calls), beside the default path that the targets are judged on
+                frozen = [(FROZEN, fused)] if not cuda and mode == "fwd" else []
+                provs = (("eager conv+act", eager), ("hierfast Conv2dAct", fused), *frozen, *forced,
                          *(cudnn_relu if mode == "fwd" else ()),
                          ("torch.compile", compiled),
                          *((("torch.compile max-autotune", compiled_ma),) if compiled_ma is not None else ()),
@@ -235,7 +244,10 @@ def run(quick: bool = False) -> list[dict]:
                     xi = x.detach().requires_grad_(not name.startswith("stem"))
                     fns = {p: (_compiled_step(m, eager, xi, gy) if p.startswith("torch.compile") else _step(m, xi, gy))
                            for p, m in provs}
-                with torch.set_grad_enabled(mode != "fwd"):
+                if frozen:  # one block around the timing, so its copies persist; the default
+                    default = contextvars.copy_context()  # path runs in a context from outside it
+                    fns["hierfast Conv2dAct"] = lambda: default.run(fused, x)
+                with torch.set_grad_enabled(mode != "fwd"), (frozen_weights() if frozen else contextlib.nullcontext()):
                     results = _interleaved(fns, **kw)
                 for prov, _ in provs:
                     t = results[prov]

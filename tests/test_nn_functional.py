@@ -35,7 +35,8 @@ def _force_cpu_path(monkeypatch, path):
     if path == "by_size":
         return
     limit = 0 if path == "onednn" else 1 << 62
-    for name in ("_ONEDNN_MIN_OUTPUT", "_ONEDNN_MIN_MACS_KEPT", "_ONEDNN_MIN_MACS_REORDERED"):
+    for name in ("_ONEDNN_MIN_OUTPUT", "_ONEDNN_MIN_MACS_KEPT", "_ONEDNN_MIN_MACS_REORDERED",
+                 "_ONEDNN_MIN_OUTPUT_PER_WEIGHT"):
         monkeypatch.setattr(K, name, limit)
 
 
@@ -345,9 +346,12 @@ def test_cpu_path_choice_by_size():
     # kept weight (inference): >= 20 K outputs or >= 2 M multiply-adds
     assert not pays(16, 8, 3, True) and not pays(64, 7, 3, True) and not pays(64, 16, 1, True)
     assert pays(128, 4, 3, True) and pays(32, 28, 1, True) and pays(256, 7, 1, True)
-    # weight reordered per call (NCHW input): >= 20 K outputs or >= 5 M multiply-adds
+    # weight reordered per call (the default, NCHW input): >= 20 K outputs or >= 5 M multiply-adds,
+    # and an output of >= 8 x the weight's elements (the reorder's traffic)
     assert not pays(128, 4, 3, False) and not pays(256, 7, 1, False) and not pays(64, 16, 1, False)
-    assert pays(64, 14, 3, False) and pays(256, 7, 3, False) and pays(32, 28, 1, False) and pays(16, 40, 3, False)
+    assert pays(32, 28, 1, False) and pays(16, 40, 3, False) and pays(64, 56, 3, False, n=8)
+    assert not pays(64, 14, 3, False) and not pays(256, 7, 3, False) and not pays(256, 14, 3, False, n=8)
+    assert pays(64, 14, 3, True) and pays(256, 7, 3, True)  # kept weight: no traffic limit
     assert K._output_numel(torch.empty(2, 3, 9, 8), torch.empty(5, 3, 3, 2), p) == 2 * 5 * 9 * 9
 
 

@@ -109,7 +109,15 @@ def _stats_reference(y, stats):
 # * reordered weight (timed as forward calls, channels_last): 0.16-0.9 below (1x1 64 @16 26 vs 49
 #   us, 1x1 512 @4 93 vs 197 us), mostly 0.9-1.7 above (3x3 64 @14 83.6 vs 109 us, 256 @7 268 vs
 #   464 us); parity (0.9-1.1) on the large layers.
+# * a weight reordered on every call (outside frozen_weights) also costs its DRAM traffic once a
+#   whole network's weights no longer fit the cache, which forward-only timings of one layer hide:
+#   fused ResNet-18 inference (benchmarks/resnet_inference.py, channels_last, 2026-12-02) ran 0.81x
+#   eager at N = 1, 112 px with the limits above and 0.98x with torch's convolution + our epilogue
+#   everywhere. Outside frozen_weights oneDNN therefore also needs an output of >= 8 x the weight's
+#   elements: the stem (N = 8: 680x) and 1x1 64->256 @56 (390x) keep its post-op (1.24x / 1.42x
+#   eager, against 1.09x / 1.18x with the epilogue); ResNet-18's 3x3 layers at N = 1 (0.1-5x) do not.
 _ONEDNN_MIN_OUTPUT = 20000
+_ONEDNN_MIN_OUTPUT_PER_WEIGHT = 8
 _ONEDNN_MIN_MACS_KEPT, _ONEDNN_MIN_MACS_REORDERED = 2_000_000, 5_000_000
 
 
@@ -351,6 +359,8 @@ def _onednn_pays(x, w, p: ConvArgs, reuse: bool) -> bool:
     for this layer's size, against torch's convolution + our epilogue (the limits at
     ``_ONEDNN_MIN_OUTPUT``)."""
     numel = _output_numel(x, w, p)
+    if not reuse and numel < _ONEDNN_MIN_OUTPUT_PER_WEIGHT * w.numel():
+        return False  # the per-call reorder's weight traffic is not small against the output's
     macs = numel * w.shape[1] * w.shape[2] * w.shape[3]
     return numel >= _ONEDNN_MIN_OUTPUT or macs >= (_ONEDNN_MIN_MACS_KEPT if reuse else _ONEDNN_MIN_MACS_REORDERED)
 

@@ -608,3 +608,26 @@ def test_progress_bar_silent_without_tty_and_mask_errors(capsys):
         analyze(Encoder(), data, layers="proj", reduce="mean", progress=False)
     with pytest.raises(ValueError, match=r"needs \(N, T, D\)"):
         analyze(net, _batches(1, 8, 3, 8, 8), layers="fc", reduce="cls", progress=False)
+
+
+def test_to_device_is_asynchronous_only_from_the_host():
+    """A copy from the host may be non-blocking (stream-ordered before the model's kernels); one
+    from a device may not (the host would read the tensor before the copy lands). A meta tensor
+    stands in for a GPU source on this CPU-only machine."""
+    from torch.overrides import TorchFunctionMode
+
+    from hierfast.capture._data import to_device
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to:
+                seen.append((args[0].device.type, kwargs.get("non_blocking", False)))
+            return func(*args, **kwargs)
+
+    with Record():
+        out = to_device({"a": torch.ones(2), "b": [torch.empty(2, device="meta")]}, "meta")
+    assert seen == [("cpu", True), ("meta", False)]
+    assert out["a"].device.type == "meta" and isinstance(out["b"], list)

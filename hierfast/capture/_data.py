@@ -38,8 +38,11 @@ def _first_tensor(x):
 
 
 def to_device(x, device):
+    """``x`` (tensors, nested in dicts/tuples/lists) moved to ``device``. Copies from the host
+    may be asynchronous (the stream orders them before the model's kernels); a copy from a GPU
+    to the host may not: the host would read the tensor before the copy has landed."""
     if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
+        return x.to(device, non_blocking=x.device.type == "cpu")
     if isinstance(x, Mapping):
         return {k: to_device(v, device) for k, v in x.items()}
     if isinstance(x, (tuple, list)):

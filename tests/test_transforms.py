@@ -209,3 +209,97 @@ def test_deterministic_declarations_and_the_scoring_rule():
     assert not scored_two_view(T.Lambda(lambda v: v.flip(-1), deterministic=True))
     with pytest.raises(TypeError, match="deterministic"):
         T.Lambda(lambda v: v, deterministic=1)
+
+
+def test_deterministic_when_the_draw_cannot_vary():
+    """A flip (or mask / deletion) with probability 0 or 1, and any transform at its identity
+    magnitude, gives T = T' on every call: scored one-view, read per instance."""
+    from hierfast.transforms._base import scored_two_view
+    from hierfast.transforms.sequence import SequenceTransform
+
+    x = _img()
+    fixed = [T.HorizontalFlip(0.0), T.HorizontalFlip(1.0), T.TokenMask(1.0, mask_token_id=9),
+             T.TokenDropout(1.0, pad_token_id=0), T.LocalShuffle(1.0), T.Translate(0), T.Rotate(0), T.Scale(0),
+             T.Brightness(0), T.Contrast(0), T.GaussianNoise(0), T.Cutout(0), T.GaussianBlur(0.0)]
+    for t in fixed:
+        assert t.deterministic and not scored_two_view(t), t
+    toks = torch.arange(1, 25).view(3, 8)
+    for t in fixed:
+        v = toks if isinstance(t, SequenceTransform) else x
+        assert torch.equal(t(v), t(v)), t  # the declaration holds
+    torch.testing.assert_close(T.HorizontalFlip(1.0)(x), x.flip(-1), rtol=0, atol=0)
+    for t in (T.HorizontalFlip(0.5), T.TokenMask(0.5, mask_token_id=9), T.TokenDropout(0.5, pad_token_id=0),
+              T.LocalShuffle(1.5), T.Cutout(1)):
+        assert not t.deterministic and scored_two_view(t), t
+
+
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+ZERO = [lambda: T.Translate(0), lambda: T.Translate(0, mode="zeros"), lambda: T.Rotate(0), lambda: T.Scale(0),
+        lambda: T.HorizontalFlip(0), lambda: T.Brightness(0), lambda: T.Contrast(0), lambda: T.GaussianNoise(0),
+        lambda: T.GaussianBlur(0), lambda: T.Cutout(0)]
+
+
+@pytest.mark.parametrize("make", ZERO)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_magnitude_zero_is_exactly_the_identity(make, dtype):
+    x = _img(dtype=dtype)
+    y = make()(x)
+    assert y.dtype == dtype and torch.equal(y, x)
+    assert y.data_ptr() != x.data_ptr()  # a copy, never the caller's tensor
+
+
+@pytest.mark.parametrize("make", [lambda: T.Rotate(15, seed=3), lambda: T.Scale(0.3, seed=3),
+                                  lambda: T.Translate(1.5, mode="zeros", seed=3)])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_resampling_half_precision_matches_float32(make, dtype):
+    """Reference: the same draw on the float32 copy of the (already rounded) input, rounded once."""
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = make()(x)
+    ref = make()(x.float())
+    assert y.dtype == dtype and not y.isnan().any()
+    torch.testing.assert_close(y, ref.to(dtype), rtol=0, atol=0)
+
+
+def test_resampling_float64_runs_in_float64():
+    """Zoom 1/2 about the centre of a linear ramp is linear again: exact to float64 rounding."""
+    w = 16
+    ramp = torch.arange(w, dtype=torch.float64).expand(1, 1, w, w).contiguous()
+    g = torch.Generator().manual_seed(0)
+    inv = float(1.0 / (torch.rand(1, generator=g) * 1.0 + 0.5))  # 1/zoom, zoom ~ U[0.5, 1.5) (float32 draw)
+    y = T.Scale(0.5, seed=0)(ramp)[0, 0]
+    c = (w - 1) / 2
+    expect = c + (torch.arange(w, dtype=torch.float64) - c) * inv
+    inside = (expect >= 0) & (expect <= w - 1)
+    torch.testing.assert_close(y[4, inside], expect[inside], rtol=0, atol=1e-9)
+
+
+def test_token_dropout_keeps_pads_in_place():
+    p = 0
+    left = torch.tensor([[p, p, 101, 5, 6, 7, 102], [p, p, p, 101, 8, 9, 102]])
+    mid = torch.tensor([[5, p, 6, 7, p, 8, 9]])
+    for x in (left, mid):
+        assert torch.equal(T.TokenDropout(0.0, pad_token_id=p)(x), x)
+        for seed in range(5):
+            y = T.TokenDropout(0.5, pad_token_id=p, seed=seed)(x)
+            g = torch.Generator().manual_seed(seed)
+            keep = (torch.rand(x.shape, generator=g) >= 0.5) & (x != p)
+            for row, out, k in zip(x, y, keep):
+                slots = (row != p).nonzero().flatten()
+                assert (out[row == p] == p).all()  # original pads untouched
+                # reference: survivors in order, then pad, written to the non-pad slots
+                survivors = row[k].tolist()
+                expect = survivors + [p] * (len(slots) - len(survivors))
+                assert out[slots].tolist() == expect
+
+
+def test_a_samples_draw_does_not_depend_on_batch_size_or_dtype():
+    x = _img(n=4, dtype=torch.float64)
+    for make in (lambda: T.Translate(3, mode="zeros", seed=1), lambda: T.Translate(3, seed=1),
+                 lambda: T.Cutout(3, seed=1), lambda: T.Rotate(20, seed=1), lambda: T.Brightness(0.5, seed=1)):
+        torch.testing.assert_close(make()(x)[:2], make()(x[:2]), rtol=0, atol=1e-12)
+    z = torch.zeros(4, 1, 2, 2)
+    for make in (lambda: T.Brightness(1.0, seed=0), lambda: T.GaussianNoise(1.0, seed=0)):
+        torch.testing.assert_close(make()(z.double()), make()(z).double(), rtol=0, atol=0)
+    ones = torch.ones(4, 1, 5, 5)
+    c32, c64 = T.Contrast(1.0, seed=0)(ones + torch.eye(5)), T.Contrast(1.0, seed=0)((ones + torch.eye(5)).double())
+    torch.testing.assert_close(c64.float(), c32, rtol=1e-6, atol=1e-6)

@@ -31,19 +31,34 @@ class Transform:
     Subclasses implement ``_apply(x, generator)``; ``__call__`` validates and picks
     the generator. Pass ``generator=`` to draw from your own stream instead.
 
-    ``deterministic``: True when the transform draws nothing (T = T' on every call, e.g.
-    a blur); such transforms are scored one-view, all others two-view (see
-    :func:`scored_two_view`). Subclasses that draw nothing declare it.
+    ``deterministic``: True when the transform's draw cannot vary (T = T' on every call:
+    a blur, magnitude 0, a flip with probability 1); such transforms are scored one-view,
+    all others two-view (see :func:`scored_two_view`). It is read per instance, since
+    whether the draw can vary depends on the magnitude; subclasses say so in
+    ``_draw_is_fixed``, and magnitudes at which the transform is the identity in
+    ``_is_identity`` (then ``__call__`` returns an exact copy of ``x``).
     """
 
     magnitude: float = 0.0
-    deterministic: bool = False
 
     def __init__(self, *, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
+
+    @property
+    def deterministic(self) -> bool:
+        """True when T = T' on every call (scored one-view, NIS_1)."""
+        return bool(self._draw_is_fixed())
+
+    def _draw_is_fixed(self) -> bool:
+        """Whether the draw cannot vary; by default only when the transform is the identity."""
+        return self._is_identity()
+
+    def _is_identity(self) -> bool:
+        """Whether this magnitude leaves every input unchanged (exactly)."""
+        return False
 
     def reset(self) -> "Transform":
         """Restart the random stream: the next calls repeat the first draws."""
@@ -62,6 +77,9 @@ class Transform:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         self._check_input(x)
+        if self._is_identity():
+            # exact, in every dtype: resampling at zero shift or angle is off by rounding
+            return x.clone()
         g = generator if generator is not None else self.generator(x.device)
         return self._apply(x, g)
 
@@ -75,8 +93,8 @@ class Transform:
         return f"{type(self).__name__}(magnitude={self.magnitude!r}, seed={self.seed})"
 
 
-def uniform(n: int, low: float, high: float, g: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
-    """``n`` draws from U[low, high) on ``device`` from ``g``."""
+def uniform(n, low: float, high: float, g: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+    """``n`` (an int or a shape) draws from U[low, high) on ``device`` from ``g``."""
     return torch.rand(n, generator=g, device=device, dtype=dtype) * (high - low) + low
 
 
@@ -86,6 +104,8 @@ class Lambda(Transform):
 
     ``deterministic=True`` declares that ``fn`` draws nothing (scored one-view); by
     default a callable is taken to be random (scored two-view)."""
+
+    deterministic: bool = False  # the user's declaration, a plain attribute (shadows the property)
 
     def __init__(self, fn, *, magnitude: float = float("nan"), takes_generator: bool = False,
                  deterministic: bool = False, seed: int = 0) -> None:
@@ -112,7 +132,8 @@ class Lambda(Transform):
 
 def scored_two_view(t: Transform) -> bool:
     """The one rule for which invariance score a transform gets (METRICS.md §3.5), decided
-    once per transform and never from the data: a deterministic transform (T = T', so
+    once per transform instance (``t.deterministic``, which may depend on its magnitude)
+    and never from the data: a deterministic transform (T = T', so
     the two-view NIS_2 would be 1 by construction) is scored one-view, NIS_1 against
     f(x); a random one two-view, NIS_2 between two independent draws."""
     return not bool(getattr(t, "deterministic", False))

@@ -16,8 +16,10 @@ Cutout           side of the zeroed square, in pixels, at a random position
 ===============  ===========================================================
 
 Apply them *before* the model's input normalisation. Geometric transforms other
-than circular translation resample with bilinear interpolation and fill outside the
-image with zeros.
+than circular translation resample with bilinear interpolation (in float32, float64 for
+float64 input, whatever the input dtype) and fill outside the image with zeros.
+Magnitude 0 is exactly the identity for every transform. Sample i's draw depends only on
+the seed and i, never on the batch size or the input dtype.
 """
 from __future__ import annotations
 
@@ -37,11 +39,20 @@ class ImageTransform(Transform):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point image batch, got {x.dtype} (convert with .float())")
 
+    def _is_identity(self) -> bool:
+        return self.magnitude == 0.0
+
 
 def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample ``x`` with per-sample 2x3 affine matrices (normalised coordinates)."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    """Resample ``x`` with per-sample 2x3 affine matrices (normalised coordinates).
+
+    Grid and sampling run in float32 (float64 for float64 input): a half-precision grid
+    cannot address the pixels of a large image, and CPU grid_sample in float16/bfloat16
+    returns NaN; the result is cast back to ``x.dtype``."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grid = F.affine_grid(theta.to(work), list(x.shape), align_corners=False)
+    out = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.to(x.dtype)
 
 
 class Translate(ImageTransform):
@@ -68,15 +79,16 @@ class Translate(ImageTransform):
         m = self.magnitude
         if self.mode == "circular":
             k = int(m)
-            s = torch.randint(-k, k + 1, (2, n), generator=g, device=x.device)
-            rows = (torch.arange(h, device=x.device)[None, :] - s[0][:, None]) % h  # (n, h)
-            cols = (torch.arange(w, device=x.device)[None, :] - s[1][:, None]) % w  # (n, w)
+            # (n, 2): sample i's (dy, dx) are draws 2i, 2i+1 whatever the batch size
+            s = torch.randint(-k, k + 1, (n, 2), generator=g, device=x.device)
+            rows = (torch.arange(h, device=x.device)[None, :] - s[:, 0, None]) % h  # (n, h)
+            cols = (torch.arange(w, device=x.device)[None, :] - s[:, 1, None]) % w  # (n, w)
             idx_r = rows[:, None, :, None].expand(n, x.shape[1], h, w)
             out = torch.gather(x, 2, idx_r)
             idx_c = cols[:, None, None, :].expand(n, x.shape[1], h, w)
             return torch.gather(out, 3, idx_c)
-        dy = uniform(n, -m, m, g, x.device)
-        dx = uniform(n, -m, m, g, x.device)
+        d = uniform((n, 2), -m, m, g, x.device)  # per sample (dy, dx), as in circular mode
+        dy, dx = d[:, 0], d[:, 1]
         theta = torch.zeros(n, 2, 3, device=x.device)
         theta[:, 0, 0] = theta[:, 1, 1] = 1.0
         # output pixel (i, j) samples input at (i - dy, j - dx); normalised units are 2/size
@@ -119,11 +131,15 @@ class Scale(ImageTransform):
 
 
 class HorizontalFlip(ImageTransform):
-    """Mirror left-right each sample with probability ``magnitude`` (1 = always)."""
+    """Mirror left-right each sample with probability ``magnitude`` (1 = always; at 0
+    and 1 the draw cannot vary, so the transform is deterministic)."""
 
     def __init__(self, magnitude: float = 0.5, *, seed: int = 0) -> None:
         super().__init__(seed=seed)
         self.magnitude = check_magnitude(magnitude, "magnitude (flip probability)", high=1.0)
+
+    def _draw_is_fixed(self) -> bool:
+        return self.magnitude in (0.0, 1.0)
 
     def _apply(self, x, g):
         flip = torch.rand(x.shape[0], generator=g, device=x.device) < self.magnitude
@@ -138,7 +154,8 @@ class Brightness(ImageTransform):
         self.magnitude = check_magnitude(magnitude, "magnitude (max brightness offset)")
 
     def _apply(self, x, g):
-        b = uniform(x.shape[0], -self.magnitude, self.magnitude, g, x.device, x.dtype)
+        # drawn in float32 whatever x's dtype, so a seed gives the same offsets in every dtype
+        b = uniform(x.shape[0], -self.magnitude, self.magnitude, g, x.device).to(x.dtype)
         return x + b[:, None, None, None]
 
 
@@ -150,7 +167,7 @@ class Contrast(ImageTransform):
         self.magnitude = check_magnitude(magnitude, "magnitude (relative contrast change)", high=1.0)
 
     def _apply(self, x, g):
-        c = uniform(x.shape[0], 1.0 - self.magnitude, 1.0 + self.magnitude, g, x.device, x.dtype)
+        c = uniform(x.shape[0], 1.0 - self.magnitude, 1.0 + self.magnitude, g, x.device).to(x.dtype)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         return (x - mean) * c[:, None, None, None] + mean
 
@@ -163,7 +180,8 @@ class GaussianNoise(ImageTransform):
         self.magnitude = check_magnitude(magnitude, "magnitude (noise standard deviation)")
 
     def _apply(self, x, g):
-        return x + self.magnitude * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape, generator=g, device=x.device)  # float32 draw: same noise in every dtype
+        return x + (self.magnitude * noise).to(x.dtype)
 
 
 class GaussianBlur(ImageTransform):
@@ -172,11 +190,12 @@ class GaussianBlur(ImageTransform):
     Kernel radius ceil(3 sigma), reflect padding; deterministic (no random draw).
     """
 
-    deterministic = True
-
     def __init__(self, magnitude: float, *, seed: int = 0) -> None:
         super().__init__(seed=seed)
         self.magnitude = check_magnitude(magnitude, "magnitude (blur sigma in pixels)")
+
+    def _draw_is_fixed(self) -> bool:
+        return True  # draws nothing at any sigma
 
     def _apply(self, x, g):
         sigma = self.magnitude
@@ -211,8 +230,10 @@ class Cutout(ImageTransform):
         k = int(self.magnitude)
         if k > min(h, w):
             raise ValueError(f"magnitude={k} is larger than the {h}x{w} image")
-        cy = torch.randint(0, h, (n,), generator=g, device=x.device)
-        cx = torch.randint(0, w, (n,), generator=g, device=x.device)
+        # one draw per sample (the centre's flat index), so sample i's square does not
+        # depend on the batch size
+        pos = torch.randint(0, h * w, (n,), generator=g, device=x.device)
+        cy, cx = pos // w, pos % w
         y0, x0 = cy - k // 2, cx - k // 2
         ys = torch.arange(h, device=x.device)[None, :]
         xs = torch.arange(w, device=x.device)[None, :]

@@ -42,7 +42,7 @@ def measure(trained: nn.Module, initial: nn.Module, x: torch.Tensor, y: torch.Te
     labels; ``transforms`` the invariance families (default: :func:`demo_transforms`);
     ``sparsity=False`` skips the fraction of active units (meaningless after LayerNorm)."""
     data = _batches(x, y, batch)
-    stats = {"cka": {}, "invariance": {"transforms": transforms or demo_transforms(quick, seed)},
+    stats = {"cka": {}, "invariance": {"transforms": transforms or demo_transforms(quick, seed), "seed": seed},
              "dimension": {"resamples": 3 if quick else 10, "seed": seed},
              "probe": {"seed": seed, "n_classes": n_classes, "test_fraction": 0.3,
                        "max_dim": 256 if quick else 512}}

@@ -258,3 +258,50 @@ def test_analyze_random_transform_with_equal_draws_on_one_batch():
             ref_blur = _nis_reference(net[:upto](tf["blur"][0](x)), net[:upto](x), net[:upto](x))
             assert res.invariance["flip"]["score"][0, j].item() == pytest.approx(ref_flip.item(), abs=1e-6)
             assert res.invariance["blur"]["score"][0, j].item() == pytest.approx(ref_blur.item(), abs=1e-6)
+
+
+def _tiny_analyze(tf, seed=0):
+    import hierfast
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 1, 8, 8, generator=g) for _ in range(3)]
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5), torch.nn.ReLU()).eval()
+    with torch.no_grad():  # the same network on every call
+        net[1].weight.copy_(torch.randn(5, 64, generator=g) / 8)
+        net[1].bias.copy_(torch.randn(5, generator=g))
+    res = hierfast.analyze(net, data, layers=["1", "2"], stats={"invariance": {"transforms": tf, "seed": seed}},
+                           progress=False)
+    return res.invariance, net, data
+
+
+def test_analyze_flip_with_probability_one_is_scored_one_view():
+    # HorizontalFlip(1.0) flips every sample: both draws agree, so the two-view score was 1
+    # by construction; it is deterministic and scored NIS_1 = f(Tx) vs f(x)
+    inv, net, data = _tiny_analyze({"flip": T.sweep(T.HorizontalFlip, [0.5, 1.0])})
+    with torch.no_grad():
+        x = torch.cat(data)
+        for j, upto in enumerate((2, 3)):
+            ref = _nis_reference(net[:upto](x.flip(-1)), net[:upto](x), net[:upto](x))
+            assert inv["flip"]["score"][1, j].item() == pytest.approx(ref.item(), abs=1e-6)
+    assert inv["flip"]["score"][1].max() < 0.9
+
+
+def test_analyze_transform_seed_reaches_the_draws():
+    a = _tiny_analyze({"rot": [T.Rotate(30, seed=1)]})[0]["rot"]["score"]
+    b = _tiny_analyze({"rot": [T.Rotate(30, seed=12345)]})[0]["rot"]["score"]
+    c = _tiny_analyze({"rot": [T.Rotate(30, seed=1)]}, seed=7)[0]["rot"]["score"]
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    # a transform's draws do not move when another family is added before it
+    d = _tiny_analyze({"noise": [T.GaussianNoise(0.5)], "rot": [T.Rotate(30, seed=1)]})[0]["rot"]["score"]
+    torch.testing.assert_close(d, a, rtol=0, atol=0)
+
+
+def test_invariance_streams_are_distinct_for_many_families():
+    # the old packed formula collided, e.g. (batch 1, family 0, step 1) with (batch 0, family 10, step 0)
+    import hierfast
+
+    fams = {f"f{i}": [T.Rotate(30), T.Rotate(30)] for i in range(12)}
+    stat = hierfast.capture.get_statistic("invariance")(["1"], transforms=fams, seed=0)
+    firsts = {torch.rand(4, generator=stat._generator(k, f, s, v, "cpu"))[0].item()
+              for k in range(3) for f in range(12) for s in range(2) for v in range(2)}
+    assert len(firsts) == 3 * 12 * 2 * 2

@@ -111,8 +111,18 @@ class InvarianceStatistic:
                      for side in sides for k, ts in self.families.items() for i in range(len(ts))}
 
     def _generator(self, index: int, family: int, step: int, view: int, device) -> torch.Generator:
+        """The stream of batch ``index``, transform ``step`` of the ``family``-th family, ``view``.
+
+        Seeded by a hash of (statistic seed, family name, step, the transform's own seed,
+        batch index, view): collision-free (no arithmetic packing to overflow into a
+        neighbour), the transform's ``seed=`` counts, and a transform's draws do not move
+        when other families are added or reordered, nor with the batch order."""
+        import hashlib
+
+        name = list(self.families)[family]
+        key = repr((self.seed, str(name), step, int(getattr(self.families[name][step], "seed", 0)), index, view))
         g = torch.Generator(device=device)
-        g.manual_seed(((self.seed * 1_000_003 + index) * 1009 + family * 101 + step) * 4 + view)
+        g.manual_seed(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1)
         return g
 
     def update_batch(self, feats_a, feats_b, batch) -> None:

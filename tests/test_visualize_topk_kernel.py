@@ -88,3 +88,56 @@ def test_nan_rows_are_counted_not_ranked(device, backend):
     assert state["bad"].tolist() == [0, 2, 0]
     assert sorted(state["idx"][1, :4].tolist()) == [0, 1, 3, 5]
     assert state["idx"][1, 4].item() == -1  # 4 good rows for 5 slots
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_infinite_scores_stay_infinite(device, backend, reduce):
+    # +-inf scores rank as +-inf (the reference once clamped them to +-DBL_MAX via nan_to_num)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 2, 4, generator=g, dtype=torch.float64)
+    x[1, 0, 2] = float("inf")
+    x[3, 0, :] = float("-inf")
+    x[0, 1, :] = float("-inf")
+    x[4, 1, 1] = float("inf")
+    state = new_state(2, 5, device)
+    ops.channel_topk(x.to(device), state, 0, reduce=reduce, backend=backend)
+    v, i, p = brute_force(x, 5, reduce)
+    assert torch.equal(state["vals"].cpu(), v)
+    assert torch.equal(state["idx"].cpu(), i)
+    assert torch.equal(state["pos"].cpu(), p)
+
+
+def _bad_states(C, k):
+    """(description, state) pairs that the kernels must never see: wrong dtype, shape, layout."""
+    def with_(key, t):
+        st = new_state(C, k)
+        st[key] = t
+        return st
+    out = [("vals float32", with_("vals", torch.full((C, k), float("-inf"), dtype=torch.float32))),
+           ("idx int32", with_("idx", torch.full((C, k), -1, dtype=torch.int32))),
+           ("pos float64", with_("pos", torch.full((C, k), -1.0, dtype=torch.float64))),
+           ("bad int32", with_("bad", torch.zeros(C, dtype=torch.int32))),
+           ("bad (C, 1)", with_("bad", torch.zeros(C, 1, dtype=torch.int64))),
+           ("idx short k", with_("idx", torch.full((C, k - 1), -1, dtype=torch.int64))),
+           ("pos wrong C", with_("pos", torch.full((C + 1, k), -1, dtype=torch.int64))),
+           ("vals 1-D", with_("vals", torch.full((C,), float("-inf"), dtype=torch.float64)))]
+    for key in ("vals", "idx", "pos"):  # transposed (k, C) buffers: right shape, wrong layout
+        t = new_state(C, k)[key]
+        out.append((f"{key} transposed", with_(key, torch.full((k, C), t.flatten()[0].item(), dtype=t.dtype).T)))
+    out.append(("bad strided", with_("bad", torch.zeros(2 * C, dtype=torch.int64)[::2])))
+    out.append(("missing key", {kk: v for kk, v in new_state(C, k).items() if kk != "pos"}))
+    return out
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("case", range(len(_bad_states(3, 2))))
+def test_bad_state_is_refused(backend, case):
+    # the kernels index the state as contiguous (C, k) float64/int64 through raw pointers: a
+    # float32 vals once corrupted the heap, transposed buffers scrambled the lists
+    name, state = _bad_states(3, 2)[case]
+    before = {kk: v.clone() for kk, v in state.items()}
+    x = torch.randn(6, 3, 5)
+    with pytest.raises((ValueError, TypeError), match="state"):
+        ops.channel_topk(x, state, 0, backend=backend)
+    assert all(torch.equal(state[kk], v) for kk, v in before.items()), name  # nothing written

@@ -40,9 +40,11 @@ def channel_topk_reference(x, vals, idx, pos, bad, base: int, mode: int) -> None
         return
     k = vals.shape[1]
     x64 = x.to(torch.float64)
-    nan = torch.isnan(x64).any(dim=2)  # (B, C)
+    nan_pos = torch.isnan(x64)
+    nan = nan_pos.any(dim=2)  # (B, C)
     if mode == 0:
-        score, arg = x64.nan_to_num(nan=float("-inf")).max(dim=2)  # torch: first maximal index
+        # NaN -> -inf only: nan_to_num's default would also turn +-inf scores into +-DBL_MAX
+        score, arg = x64.masked_fill(nan_pos, float("-inf")).max(dim=2)  # torch: first maximal index
     else:
         score = x64.mean(dim=2)
         nan = nan | torch.isnan(score)
@@ -114,9 +116,36 @@ def channel_topk(x: torch.Tensor, state: dict, base: int, *, reduce: str = "max"
         raise TypeError(f"x must be a floating tensor, got {x.dtype}")
     if reduce not in MODES:
         raise ValueError(f"reduce must be one of {sorted(MODES)}, got {reduce!r}")
-    vals = state["vals"]
-    C = x.shape[1]
-    if vals.shape[0] != C or vals.device != x.device:
-        raise ValueError(f"state holds {vals.shape[0]} channels on {vals.device}; x has {C} channels on {x.device}")
-    OP.select((x,), backend).fn(x, vals, state["idx"], state["pos"], state["bad"], int(base), MODES[reduce])
+    vals, idx, pos, bad = _check_state(state, x)
+    OP.select((x,), backend).fn(x, vals, idx, pos, bad, int(base), MODES[reduce])
     return state
+
+
+# (key, dtype, shape) of each state tensor; "k" stands for vals' second dimension
+_STATE = (("vals", torch.float64, ("C", "k")), ("idx", torch.int64, ("C", "k")),
+          ("pos", torch.int64, ("C", "k")), ("bad", torch.int64, ("C",)))
+
+
+def _check_state(state, x: torch.Tensor):
+    """``(vals, idx, pos, bad)`` of ``state`` once each matches :func:`new_state` for ``x``.
+
+    The kernels write through raw pointers with (C, k) row-major indexing: a wrong dtype,
+    shape or layout would corrupt memory or scramble the lists, so every tensor is checked."""
+    if not isinstance(state, dict) or any(key not in state for key, _, _ in _STATE):
+        raise TypeError("state must be the dict of new_state(channels, k) with keys 'vals', 'idx', 'pos', 'bad'")
+    vals = state["vals"]
+    if not isinstance(vals, torch.Tensor) or vals.dim() != 2 or vals.shape[1] < 1:
+        raise ValueError(f"state['vals'] must be a (C, k) tensor with k >= 1, got "
+                         f"{tuple(vals.shape) if isinstance(vals, torch.Tensor) else type(vals).__name__}")
+    sizes = {"C": x.shape[1], "k": vals.shape[1]}
+    for key, dtype, dims in _STATE:
+        t = state[key]
+        want = tuple(sizes[s] for s in dims)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != want or t.dtype != dtype or t.device != x.device or not t.is_contiguous():
+            raise ValueError(f"state[{key!r}] must be a contiguous {want} {dtype} tensor on {x.device} "
+                             f"(x has C={sizes['C']} channels), got {tuple(t.shape)} {t.dtype} on {t.device} "
+                             f"(contiguous={t.is_contiguous()}); build the state with "
+                             f"new_state(channels, k, device=x.device)")
+    return vals, state["idx"], state["pos"], state["bad"]

@@ -269,3 +269,65 @@ def test_exact_state_keeps_the_estimator():
         biased.update(fa, fb)
         biased.merge(acc)
     torch.testing.assert_close(ExactCKA(debiased=True).load_state_dict(acc.state_dict()).compute(), acc.compute())
+
+
+@pytest.mark.parametrize("cls", [MinibatchCKA, ExactCKA])
+def test_empty_state_round_trips_through_torch_save(cls, tmp_path):
+    """state_dict() of an accumulator that has seen nothing used to raise, so a checkpoint could
+    not be written while one statistic was still empty (a first batch too small for it)."""
+    torch.save(cls().state_dict(), tmp_path / "e.pt")
+    restored = cls().load_state_dict(torch.load(tmp_path / "e.pt", weights_only=True))
+    assert not restored.initialized
+    fa, fb = _layers(64)
+    ref = cls()
+    for ba, bb in zip(_batches(fa, 16), _batches(fb, 16)):
+        ref.update(ba, bb)
+        restored.update(ba, bb)
+    torch.testing.assert_close(restored.compute(), ref.compute(), atol=0, rtol=0)
+    full = cls().load_state_dict(ref.state_dict()).load_state_dict(cls().state_dict())  # loading empty empties
+    assert not full.initialized
+    with pytest.raises(ValueError, match="state was saved by ExactCKA, not MinibatchCKA|state was saved by "
+                                         "MinibatchCKA, not ExactCKA"):
+        cls().load_state_dict((ExactCKA if cls is MinibatchCKA else MinibatchCKA)().state_dict())
+
+
+def _empty_rank_worker(rank, world, port, cls_name, shard, out_path):
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # short timeout: a rank left alone in a collective fails the test in seconds, not 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
+    try:
+        kw = {"debiased": True} if cls_name == "ExactCKA" else {}
+        acc = {"MinibatchCKA": MinibatchCKA, "ExactCKA": ExactCKA}[cls_name](**kw)
+        for ba, bb in shard if rank == 1 else []:  # rank 0 sees nothing
+            acc.update(ba, bb)
+        acc.sync()
+        out = {"value": acc.compute()}
+        try:
+            cls = type(acc)
+            cls(**kw).sync()  # no rank has data: the same error everywhere
+        except ValueError as e:
+            out["error"] = str(e)
+        torch.save(out, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("cls", [MinibatchCKA, ExactCKA])
+def test_gloo_rank_without_data_contributes_zeros(cls, tmp_path):
+    """sync() raised on the empty rank only, leaving the other in the all_reduce until the timeout."""
+    fa, fb = _layers(64)
+    fa = [t + 100.0 for t in fa]  # rank 1's reference point must be the one used, not the empty rank 0's
+    shard = list(zip(_batches(fa, 16), _batches(fb, 16)))
+    kw = {"debiased": True} if cls is ExactCKA else {}
+    one = cls(**kw)
+    for ba, bb in shard:
+        one.update(ba, bb)
+    out = tmp_path / "r"
+    mp.spawn(_empty_rank_worker, args=(2, _free_port(), cls.__name__, shard, str(out)), nprocs=2, join=True)
+    for r in range(2):
+        got = torch.load(f"{out}.{r}", weights_only=False)
+        torch.testing.assert_close(got["value"], one.compute(), atol=1e-9, rtol=0)
+        assert "no rank has data" in got["error"]

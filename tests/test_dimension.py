@@ -183,3 +183,30 @@ def test_participation_ratio_and_effective_rank_are_scale_invariant_at_extremes(
     acc = DimensionAccumulator(resamples=1)
     acc.update([x * 1e80])
     assert acc.compute()["participation_ratio"][0].item() == pytest.approx(ref_pr, rel=1e-9)
+
+
+def test_merge_equals_one_stream_and_keeps_the_options():
+    """DimensionAccumulator had no merge()/sync() (every other accumulator does), and a state
+    saved with another reservoir / max_dim / seed was silently loaded."""
+    from hierfast.stats.dimension import merge_states
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(240, 6, generator=g, dtype=torch.float64) + 50.0
+    whole, left, right = (DimensionAccumulator(reservoir=300, resamples=1) for _ in range(3))
+    for i in range(0, 240, 40):
+        whole.update([x[i:i + 40]])
+        (left if i < 120 else right).update([x[i:i + 40]])
+    merged = DimensionAccumulator(reservoir=300, resamples=1).merge(left).merge(DimensionAccumulator(
+        reservoir=300, resamples=1)).merge(right)  # empty accumulators add nothing
+    assert torch.equal(merged.samples[0], x)
+    assert merged.compute()["participation_ratio"][0].item() == pytest.approx(participation_ratio(x), rel=1e-10)
+    assert merged.compute()["twonn"][0].item() == pytest.approx(whole.compute()["twonn"][0].item(), abs=1e-12)
+    assert merged.sync() is merged  # not distributed: no-op
+    assert merge_states([DimensionAccumulator(reservoir=300).state_dict(), left.state_dict()])["seen"] == 120
+    with pytest.raises(ValueError, match=r"saved by DimensionAccumulator\(reservoir=300\).*reservoir=8"):
+        DimensionAccumulator(reservoir=8).load_state_dict(left.state_dict())
+    with pytest.raises(ValueError, match=r"cannot merge a DimensionAccumulator\(max_dim=2, seed=1\)"):
+        DimensionAccumulator(reservoir=300).merge(DimensionAccumulator(reservoir=300, max_dim=2, seed=1))
+    old = left.state_dict()
+    del old["options"]  # a state of an older version records none: accepted
+    assert DimensionAccumulator(reservoir=8).load_state_dict(old).seen == 120

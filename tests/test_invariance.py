@@ -122,7 +122,7 @@ def test_streaming_equals_one_shot_merge_state_pickle():
     torch.testing.assert_close(a["nis"], b["nis"], rtol=0, atol=1e-12)
     for u, v in zip(a["per_unit"], b["per_unit"]):
         torch.testing.assert_close(u, v, rtol=0, atol=1e-12)
-    loaded = InvarianceAccumulator().load_state_dict(pickle.loads(pickle.dumps(merged.state_dict())))
+    loaded = InvarianceAccumulator(per_unit=True, cka=False).load_state_dict(pickle.loads(pickle.dumps(merged.state_dict())))
     torch.testing.assert_close(loaded.compute()["nis"], a["nis"])
     # with CKA: streaming batches equal a merge of shards, state round-trips
     s1, s2, whole = InvarianceAccumulator(), InvarianceAccumulator(), InvarianceAccumulator()
@@ -210,7 +210,8 @@ def test_merge_and_state_of_shards_with_different_references():
         sl = slice(45 * k, 45 * (k + 1))
         p.update([ft[sl]], [ft2[sl]], [fr[sl]])
     assert not torch.equal(parts[0].shift, parts[1].shift)
-    restored = InvarianceAccumulator().load_state_dict(pickle.loads(pickle.dumps(parts[1].state_dict())))
+    restored = InvarianceAccumulator(per_unit=True, cka=False).load_state_dict(
+        pickle.loads(pickle.dumps(parts[1].state_dict())))
     merged = parts[0].clone().merge(restored)
     ref = _nis_reference(ft, ft2, fr - 1e6)
     for acc in (one, merged):
@@ -305,3 +306,38 @@ def test_invariance_streams_are_distinct_for_many_families():
     firsts = {torch.rand(4, generator=stat._generator(k, f, s, v, "cpu"))[0].item()
               for k in range(3) for f in range(12) for s in range(2) for v in range(2)}
     assert len(firsts) == 3 * 12 * 2 * 2
+
+
+def test_state_and_merge_keep_the_options():
+    """load_state_dict took on the saved per_unit / cka (a per_unit=True, cka=False accumulator
+    silently became per_unit=False, cka=True); merge refused only through the layout."""
+    ft, ft2, fr = _views(n=40, shape=(3,))
+    src = InvarianceAccumulator(per_unit=False, cka=True)
+    src.update([ft], [ft2], [fr])
+    with pytest.raises(ValueError, match=r"saved by InvarianceAccumulator\(per_unit=False, cka=True\).*"
+                                         r"construct it with per_unit=False, cka=True"):
+        InvarianceAccumulator(per_unit=True, cka=False).load_state_dict(src.state_dict())
+    with pytest.raises(ValueError, match="cka=True"):
+        InvarianceAccumulator(cka=False).load_state_dict(InvarianceAccumulator(cka=True).state_dict())  # empty too
+    other = InvarianceAccumulator(per_unit=True, cka=True)
+    other.update([ft], [ft2], [fr])
+    with pytest.raises(ValueError, match="per_unit"):
+        src.clone().merge(other)
+    old = src.state_dict()
+    del old["options"]  # a state of an older version: its layout still records the options
+    with pytest.raises(ValueError, match="per_unit=False"):
+        InvarianceAccumulator(per_unit=True).load_state_dict(old)
+    back = InvarianceAccumulator(per_unit=False, cka=True).load_state_dict(old)
+    ref = _nis_reference(ft, ft2, fr)
+    assert back.compute()["nis"][0].item() == pytest.approx(ref.item(), abs=1e-12)
+
+
+def test_empty_state_round_trips():
+    """state_dict() of an accumulator that has seen nothing raised (no checkpoint possible)."""
+    ft, ft2, fr = _views(n=40, shape=(3,))
+    empty = InvarianceAccumulator(per_unit=True).load_state_dict(
+        pickle.loads(pickle.dumps(InvarianceAccumulator(per_unit=True).state_dict())))
+    assert not empty.initialized
+    empty.update([ft], [ft2], [fr])
+    assert empty.compute()["nis"][0].item() == pytest.approx(_nis_reference(ft, ft2, fr).item(), abs=1e-12)
+    assert empty.compute()["cka"] is not None

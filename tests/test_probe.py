@@ -164,3 +164,40 @@ def test_merge_of_shards_with_different_control_class_counts_is_refused():
     merged = left.merge(right).compute()
     for key in ("accuracy", "control", "alpha"):
         torch.testing.assert_close(merged[key], whole.compute()[key], atol=1e-9, rtol=1e-9)
+
+
+def test_state_dict_is_a_snapshot():
+    """state_dict() returned the live tensors: an update after it changed the saved state."""
+    x, y = _task(300, 6, 3, 0.5, seed=8)
+    idx = torch.arange(300)
+    acc, first = ProbeAccumulator(seed=1), ProbeAccumulator(seed=1)
+    for a in (acc, first):
+        a.update([x[:200]], y[:200], idx[:200])
+    saved = acc.state_dict()
+    acc.update([x[200:]], y[200:], idx[200:])
+    restored = ProbeAccumulator(seed=1).load_state_dict(saved)
+    for key in ("accuracy", "control", "alpha"):
+        torch.testing.assert_close(restored.compute()[key], first.compute()[key], atol=0, rtol=0)
+    assert restored.compute()["n_train"] == first.compute()["n_train"]
+
+
+@pytest.mark.parametrize("opts", [{"test_fraction": 0.5}, {"seed": 3}, {"control": False}, {"max_dim": 4},
+                                  {"n_classes": 5}])
+def test_state_and_merge_keep_the_options(opts):
+    """A state (or shard) with another split, seed, control task or projection was silently
+    taken on, mixing held-out splits and control labels."""
+    x, y = _task(200, 6, 3, 0.5, seed=9)
+    idx = torch.arange(200)
+    saved = ProbeAccumulator(**opts)
+    saved.update([x[:100]], y[:100], idx[:100])
+    key = next(iter(opts))
+    with pytest.raises(ValueError, match=rf"saved by ProbeAccumulator\({key}=.*construct it with {key}="):
+        ProbeAccumulator().load_state_dict(saved.state_dict())
+    mine = ProbeAccumulator()
+    mine.update([x[100:]], y[100:], idx[100:])
+    with pytest.raises(ValueError, match=rf"cannot merge a ProbeAccumulator\({key}="):
+        mine.merge(saved)
+    old = saved.state_dict()
+    del old["options"]  # a state of an older version records no options: accepted
+    assert ProbeAccumulator().load_state_dict(old).seen == 100
+    assert ProbeAccumulator(**opts).load_state_dict(saved.state_dict()).seen == 100

@@ -1,9 +1,12 @@
 """Base of the streaming statistics: a state of float64 sums that merge by addition.
 
 torchmetrics-style (update / compute / reset), plus ``merge`` (add another
-accumulator's sums), ``state_dict`` / ``load_state_dict`` (checkpoints), and
-``sync(group)``: one ``torch.distributed.all_reduce(SUM)`` of all summed states
-packed into a single float64 buffer (DESIGN.md principle 5).
+accumulator's sums), ``state_dict`` / ``load_state_dict`` (checkpoints; an
+accumulator that has seen nothing saves an empty state), and ``sync(group)``: the
+ranks agree on the layout, then one ``torch.distributed.all_reduce(SUM)`` of all
+summed states packed into a single float64 buffer (DESIGN.md principle 5); a rank
+without data adds zeros. Options the sums depend on (``_options``) are saved with
+the state and must match on load, merge and sync.
 
 Sums of raw moments cancel catastrophically when a feature's mean is large against
 its spread (a constant layer's variance comes out as -1e17 instead of 0). Subclasses
@@ -57,6 +60,25 @@ class Accumulator:
         if not self.initialized:
             raise ValueError(f"{type(self).__name__}.{what}() called before any update(): feed at least one batch")
 
+    # -- options -------------------------------------------------------------
+    def _options(self) -> dict:
+        """Constructor options the sums depend on: saved in ``state_dict`` and checked by
+        ``load_state_dict`` and ``merge`` (sums made with other options cannot be mixed)."""
+        return {}
+
+    def _check_options(self, saved: dict | None, what: str) -> None:
+        """ValueError naming the options of ``saved`` that differ from this accumulator's; a
+        state of an older version (``saved`` None) records none and is accepted."""
+        if saved is None:
+            return
+        mine = self._options()
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if k in saved and saved[k] != v}
+        if diff:
+            name = type(self).__name__
+            was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
+            now = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+            raise ValueError(f"{what} {name}({was}) but this is {name}({now}); construct it with {was}")
+
     # -- combination ---------------------------------------------------------
     def _meta(self) -> dict:
         return {k: copy.deepcopy(getattr(self, k)) for k in self._meta_keys}
@@ -74,6 +96,7 @@ class Accumulator:
         """Add ``other``'s sums into this accumulator (batches, shards or checkpoints)."""
         if type(other) is not type(self):
             raise TypeError(f"other must be a {type(self).__name__}, got {type(other).__name__}")
+        self._check_options(other._options(), "cannot merge a")
         if not other.initialized:
             return self
         if not self.initialized:
@@ -90,11 +113,15 @@ class Accumulator:
 
     # -- persistence ---------------------------------------------------------
     def state_dict(self) -> dict:
-        """Tensors (on CPU) and layout metadata; ``torch.save``-able."""
-        self._require_data("state_dict")
+        """Tensors (on CPU), layout metadata and options; ``torch.save``-able. Before any
+        ``update`` an *empty* state (``{"empty": True, ...}``), which ``load_state_dict``
+        accepts: a checkpoint may be written while a statistic has not seen a batch yet."""
+        if not self.initialized:
+            return {"__class__": type(self).__name__, "empty": True, "options": self._options()}
         out = {k: getattr(self, k).detach().cpu().clone() for k in (*self._sum_states, *self._shift_states)}
         out.update(self._meta())
         out["__class__"] = type(self).__name__
+        out["options"] = self._options()
         return out
 
     def load_state_dict(self, state: dict) -> "Accumulator":
@@ -103,6 +130,10 @@ class Accumulator:
         cls = state.get("__class__")
         if cls != type(self).__name__:
             raise ValueError(f"state was saved by {cls}, not {type(self).__name__}")
+        self._check_options(state.get("options"), "state was saved by")
+        if state.get("empty"):
+            self.reset()
+            return self
         missing = [k for k in (*self._sum_states, *self._meta_keys) if k not in state]
         if missing:
             raise ValueError(f"state is missing keys {missing}; was it produced by state_dict()?")
@@ -127,21 +158,30 @@ class Accumulator:
         return torch.device("cpu")
 
     # -- distributed ---------------------------------------------------------
-    def sync(self, group=None) -> "Accumulator":
-        """Sum the states of all ranks in ``group`` (one all_reduce); no-op when not distributed.
+    def sync(self, group=None, *, allow_empty: bool = False) -> "Accumulator":
+        """Sum the states of all ranks in ``group``; no-op when not distributed.
 
-        Every rank must have called ``update`` at least once (the layout is set by the
-        first batch). With NCCL the states must be on the rank's CUDA device.
+        The ranks first agree on the layout (one ``all_gather_object``), so that they all
+        take the same path: a rank that saw no batch contributes zeros in the layout of the
+        first rank with data; when no rank has data every rank raises the same ValueError
+        (with ``allow_empty``, every rank stays empty instead). Then one broadcast of the
+        reference points and one all_reduce. With NCCL the states must be on the rank's
+        CUDA device.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        self._require_data("sync")
+        src = self._agree_layout(dist, group)
+        if src is None:
+            if allow_empty:
+                return self
+            raise ValueError(f"{type(self).__name__}.sync(): no rank has data (every rank's accumulator is "
+                             "empty); feed at least one batch on some rank")
         if self._shift_states:  # every rank re-expresses its sums about the first rank's reference
             shifts = [getattr(self, k) for k in self._shift_states]
             flat = torch.cat([t.reshape(-1) for t in shifts])
-            dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+            dist.broadcast(flat, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
             self._reshift(list(flat.split([t.numel() for t in shifts])))
         tensors = [getattr(self, k) for k in self._sum_states]
         flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -151,6 +191,45 @@ class Accumulator:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
         return self
+
+    def _layout(self) -> dict | None:
+        """What ranks must agree on before adding states (None before any update)."""
+        if not self.initialized:
+            return None
+        return {"meta": self._meta(),
+                "shapes": {k: tuple(getattr(self, k).shape) for k in (*self._sum_states, *self._shift_states)}}
+
+    def _agree_layout(self, dist, group) -> int | None:
+        """Gather every rank's options and layout; the group index of the first rank with data
+        (None: no rank has any). An empty rank takes that layout with zero sums. Raises on
+        every rank alike when options or layouts differ: an all_reduce of buffers of different
+        sizes would hang or mix unrelated sums."""
+        got = [None] * dist.get_world_size(group)
+        dist.all_gather_object(got, (self._options(), self._layout()), group=group)
+        if any(opts != got[0][0] for opts, _ in got):
+            raise ValueError(f"cannot sync {type(self).__name__}s constructed with different options "
+                             f"({[opts for opts, _ in got]} by rank); every rank must use the same ones")
+        full = [r for r, (_, lay) in enumerate(got) if lay is not None]
+        if not full:
+            return None
+        ref = got[full[0]][1]
+        other = [r for r in full if got[r][1] != ref]
+        if other:
+            raise ValueError(f"cannot sync {type(self).__name__}s with different layouts: rank(s) {other} differ "
+                             f"from rank {full[0]} ({got[other[0]][1]['meta']} vs {ref['meta']}); every rank must "
+                             "see the same layers of the same models")
+        if not self.initialized:
+            self._adopt(ref, torch.device("cuda", torch.cuda.current_device())
+                        if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+        return full[0]
+
+    def _adopt(self, layout: dict, device: torch.device) -> None:
+        """Become an accumulator of ``layout`` that has seen nothing: zero sums (the reference
+        points are replaced by the broadcast; shifting zero sums leaves them zero)."""
+        for k, v in layout["meta"].items():
+            setattr(self, k, copy.deepcopy(v))
+        for k in (*self._sum_states, *self._shift_states):
+            setattr(self, k, torch.zeros(layout["shapes"][k], dtype=torch.float64, device=device))
 
     def clone(self) -> "Accumulator":
         return copy.deepcopy(self)

@@ -253,25 +253,80 @@ class DimensionAccumulator:
             warnings.warn(f"layer {name}: {e}; its twonn is NaN", RuntimeWarning, stacklevel=3)
             return float("nan"), float("nan")
 
+    def _options(self) -> dict:
+        """Options the state depends on (which rows the reservoir keeps, which layers get
+        streamed sums): saved, and checked by ``load_state_dict`` and ``merge``. ``resamples``
+        and ``fraction`` only enter ``compute`` and may differ."""
+        return {"reservoir": self.reservoir, "max_dim": self.max_dim, "seed": self.seed}
+
+    def _check_options(self, saved: dict | None, what: str) -> None:
+        """ValueError naming the options that differ; a state of an older version records none."""
+        if saved is None:
+            return
+        diff = {k: (saved[k], v) for k, v in self._options().items() if k in saved and saved[k] != v}
+        if diff:
+            was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
+            now = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+            raise ValueError(f"{what} DimensionAccumulator({was}) but this is DimensionAccumulator({now}); "
+                             f"construct it with {was}")
+
     def state_dict(self) -> dict:
         return {"names": self.names, "seen": self.seen, "samples": [s.clone() for s in self.samples],
-                "sums": [None if t is None else tuple(v.clone() for v in t) for t in self.sums]}
+                "sums": [None if t is None else tuple(v.clone() for v in t) for t in self.sums],
+                "options": self._options()}
 
     def load_state_dict(self, state: dict) -> "DimensionAccumulator":
+        self._check_options(state.get("options"), "state was saved by")
         self.names, self.seen = state["names"], state["seen"]
         self.samples = [s.clone() for s in state["samples"]]
         self.sums = [None if t is None else tuple(v.clone() for v in _with_shift(t)) for t in state["sums"]]
         return self
 
+    def merge(self, other: "DimensionAccumulator") -> "DimensionAccumulator":
+        """Add another shard's state (:func:`merge_states`: reservoirs concatenated, sums
+        added). Both must have the same options and layers."""
+        if not isinstance(other, DimensionAccumulator):
+            raise TypeError(f"other must be a DimensionAccumulator, got {type(other).__name__}")
+        self._check_options(other._options(), "cannot merge a")
+        return self.load_state_dict(merge_states([self.state_dict(), other.state_dict()]))
+
+    def sync(self, group=None) -> "DimensionAccumulator":
+        """Gather every rank's state and merge them in rank order (all ranks end equal); a
+        rank without data adds nothing. No-op when not distributed."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        states = [None] * dist.get_world_size(group)
+        dist.all_gather_object(states, self.state_dict(), group=group)
+        return self.load_state_dict(merge_states(states))
+
+
+def _is_empty(state: dict) -> bool:
+    return not state["samples"]
+
 
 def merge_states(states: list[dict]) -> dict:
     """Combine the states of accumulators that saw disjoint shards (e.g. one per rank):
     reservoirs are concatenated (TwoNN then runs on the union) and sums added, each first
-    re-expressed about the first state's reference point."""
-    base = {"names": states[0]["names"], "seen": sum(s["seen"] for s in states), "samples": [], "sums": []}
-    for i in range(len(states[0]["samples"])):
-        base["samples"].append(torch.cat([s["samples"][i] for s in states]))
-        sums = [_with_shift(s["sums"][i]) for s in states]
+    re-expressed about the first state's reference point. Empty states (no batch seen) add
+    nothing; states with different options or layers are refused (ValueError)."""
+    full = [s for s in states if not _is_empty(s)]
+    opts = [s["options"] for s in states if s.get("options") is not None]
+    if any(o != opts[0] for o in opts):
+        raise ValueError(f"cannot merge DimensionAccumulator states with different options {opts}")
+    if not full:
+        return {**states[0], "seen": sum(s["seen"] for s in states)}
+    widths = [[x.shape[1] for x in s["samples"]] for s in full]
+    if any(w != widths[0] for w in widths):
+        raise ValueError(f"cannot merge DimensionAccumulator states over different layers (widths {widths}); "
+                         "every shard must see the same layers")
+    base = {"names": full[0]["names"], "seen": sum(s["seen"] for s in states), "samples": [], "sums": []}
+    if opts:
+        base["options"] = opts[0]
+    for i in range(len(full[0]["samples"])):
+        base["samples"].append(torch.cat([s["samples"][i] for s in full]))
+        sums = [_with_shift(s["sums"][i]) for s in full]
         if sums[0] is None:
             base["sums"].append(None)
             continue

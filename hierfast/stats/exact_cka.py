@@ -245,6 +245,8 @@ class ExactCKA(Accumulator):
             raise ValueError(f"state was saved by ExactCKA(debiased={bool(saved)}) but this is "
                              f"ExactCKA(debiased={self.debiased}); construct it with debiased={bool(saved)}")
         super().load_state_dict(state)
+        if not self.initialized:  # an empty state
+            return self
         dev = self.moments.device
         if self.shift_a is None:  # a state saved before shifted sums: raw sums, reference 0
             self.shift_a = torch.zeros(sum(self.dims_a), dtype=torch.float64, device=dev)

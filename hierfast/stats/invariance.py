@@ -170,6 +170,9 @@ class InvarianceAccumulator(Accumulator):
         self.s_f = self.s_f - n * d
         self.shift = new.clone()
 
+    def _options(self) -> dict:
+        return {"per_unit": self._per_unit_opt, "cka": self._cka_opt}
+
     def state_dict(self) -> dict:
         out = super().state_dict()
         if self._cka is not None and self._cka.initialized:
@@ -177,19 +180,24 @@ class InvarianceAccumulator(Accumulator):
         return out
 
     def load_state_dict(self, state: dict):
+        # states of older versions record the options only in the layout: check those
+        if isinstance(state, dict) and state.get("options") is None and "per_unit" in state:
+            self._check_options({"per_unit": state["per_unit"], "cka": state.get("with_cka")}, "state was saved by")
         super().load_state_dict(state)
+        if self._cka is not None:
+            self._cka.reset()
+        if not self.initialized:  # an empty state
+            return self
         if self.shift is None:  # a state saved before shifted sums: raw sums, reference 0
             self.shift = torch.zeros_like(self.s_f)
-        self._per_unit_opt, self._cka_opt = self.per_unit, self.with_cka
-        self._cka = MinibatchCKA() if self.with_cka else None
         if self._cka is not None and "cka_state" in state:
             self._cka.load_state_dict(state["cka_state"])
         return self
 
-    def sync(self, group=None):
-        super().sync(group)
-        if self._cka is not None and self._cka.initialized:
-            self._cka.sync(group)
+    def sync(self, group=None, *, allow_empty: bool = False):
+        super().sync(group, allow_empty=allow_empty)
+        if self._cka is not None:  # every rank has one (same options): all take part
+            self._cka.sync(group, allow_empty=True)
         return self
 
     def compute(self) -> dict:

@@ -124,7 +124,8 @@ class _LayerProbe:
         self.test_x: list[torch.Tensor] = []
 
     def state(self) -> dict:
-        return {"n": self.n, "sx": self.sx, "sxx": self.sxx,
+        """Copies: a later update must not change a saved state."""
+        return {"n": self.n.clone(), "sx": self.sx.clone(), "sxx": self.sxx.clone(),
                 "test_x": torch.cat(self.test_x) if self.test_x else self.sx.new_zeros(0, self.sx.numel())}
 
     def load(self, s: dict) -> None:
@@ -289,13 +290,42 @@ class ProbeAccumulator:
                 "n_train": int(n_train), "n_test": int(self.test_y.numel())}
 
     # ---------------------------------------------------------------- state
+    def _options(self) -> dict:
+        """Options the state depends on (the split, control labels, projection, kept rows):
+        saved, and checked by ``load_state_dict`` and ``merge``. ``alphas`` only enter
+        ``compute`` and may differ."""
+        return {"test_fraction": self.test_fraction, "seed": self.seed, "control": self.control,
+                "max_dim": self.reducer.max_dim, "max_test": self.max_test, "n_classes": self.n_classes}
+
+    def _check_options(self, saved: dict | None, what: str) -> None:
+        """ValueError naming the options that differ; a state of an older version records none."""
+        if saved is None:
+            return
+        diff = {k: (saved[k], v) for k, v in self._options().items() if k in saved and saved[k] != v}
+        if diff:
+            was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
+            now = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+            raise ValueError(f"{what} ProbeAccumulator({was}) but this is ProbeAccumulator({now}): their held-out "
+                             f"splits, control labels or projections differ; construct it with {was}")
+
+    def _like(self) -> "ProbeAccumulator":
+        """An empty accumulator with this one's options."""
+        return ProbeAccumulator(test_fraction=self.test_fraction, max_test=self.max_test, max_dim=self.reducer.max_dim,
+                                alphas=self.alphas, control=self.control, seed=self.seed, n_classes=self.n_classes)
+
     def state_dict(self) -> dict:
+        """A copy of the state (later updates do not change it), with the options."""
+        def copy(t):
+            return t.clone() if t is not None else None
+
         return {"names": self.names, "seen": self.seen, "k": self.k, "k_control": self.k_control,
-                "sy": self.sy, "sy_c": self.sy_c,
-                "sxy": list(self.sxy), "sxy_c": list(self.sxy_c),
-                "test_y": self.test_y, "test_yc": self.test_yc, "layers": [L.state() for L in self.layers]}
+                "sy": copy(self.sy), "sy_c": copy(self.sy_c),
+                "sxy": [m.clone() for m in self.sxy], "sxy_c": [m.clone() for m in self.sxy_c],
+                "test_y": copy(self.test_y), "test_yc": copy(self.test_yc), "layers": [L.state() for L in self.layers],
+                "options": self._options()}
 
     def load_state_dict(self, state: dict) -> "ProbeAccumulator":
+        self._check_options(state.get("options"), "state was saved by")
         self.reset()
         self.names, self.seen, self.k = state["names"], state["seen"], state["k"]
         self.k_control = state["k_control"]
@@ -314,7 +344,8 @@ class ProbeAccumulator:
         """Add another accumulator's training sums and append its held-out rows (up to max_test).
 
         ``index`` must be given (dataset ids) when merging shards: stream positions restart
-        at 0 in every shard."""
+        at 0 in every shard. Both must have the same options (:meth:`_options`)."""
+        self._check_options(other._options(), "cannot merge a")
         if not other.layers:
             return self
         if not self.layers:
@@ -322,7 +353,7 @@ class ProbeAccumulator:
         self._check_mergeable(other)
         dev = self.sy.device
         self._grow(other.k, dev)
-        other = ProbeAccumulator().load_state_dict(other.state_dict())
+        other = self._like().load_state_dict(other.state_dict())
         other._grow(self.k, dev)
         self.sy += other.sy
         self.sy_c += other.sy_c
@@ -360,10 +391,8 @@ class ProbeAccumulator:
 
         states = [None] * dist.get_world_size(group)
         dist.all_gather_object(states, {k: v for k, v in self.state_dict().items()}, group=group)
-        merged = ProbeAccumulator(test_fraction=self.test_fraction, max_test=self.max_test,
-                                  max_dim=self.reducer.max_dim, alphas=self.alphas, control=self.control,
-                                  seed=self.seed, n_classes=self.n_classes)
+        merged = self._like()
         for s in states:
-            merged.merge(ProbeAccumulator().load_state_dict(s))
+            merged.merge(self._like().load_state_dict(s))
         self.load_state_dict(merged.state_dict())
         return self

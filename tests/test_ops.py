@@ -111,6 +111,60 @@ def test_center_columns_bad_input():
         ops.center_columns(torch.ones(3, 3), out_dtype=torch.float16)
 
 
+@pytest.mark.parametrize("device,backend", [c for d in devices() for c in _case(d)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exactly_in_place_out_matches_reference(device, backend, dtype):
+    # out = the input itself (same storage, offset, dtype, layout) stays supported
+    n = 37
+    a = torch.randn(n, 6, dtype=torch.float64, device=device) * 3 + 2
+    k = (a @ a.T).to(dtype)
+    ref = ops.gram_epilogue_reference(k, True)[0]
+    buf = k.clone().reshape(-1)
+    out, _, _ = ops.gram_epilogue(buf.view(n, n), unbiased=True, out=buf, backend=backend)
+    assert out.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype] * ref.abs().max().item(), rtol=0)
+    x = torch.randn(n, 9, dtype=torch.float64, device=device).to(dtype) + 40
+    refc = ops.center_columns_reference(x, dtype)[0]
+    xc = x.clone()
+    out, _ = ops.center_columns(xc, out_dtype=dtype, out=xc, backend=backend)
+    assert out.data_ptr() == xc.data_ptr()
+    torch.testing.assert_close(out.double(), refc.double(), atol=TOL[dtype] * 40, rtol=0)
+
+
+def _partial_overlaps(n):
+    """(gram view, out view) pairs sharing memory without being the same elements."""
+    buf = torch.randn(2 * n * n + 4, dtype=torch.float64)
+    flat = buf[:n * n]
+    return [(flat.view(n, n).T, flat),                       # transposed view of out
+            (buf[1:n * n + 1].view(n, n), flat),            # shifted by one element
+            (buf[n:n * n + n].view(n, n), flat),            # shifted by one row
+            (flat.view(n, n), buf.view(torch.float32)[:n * n]),  # same start, other dtype
+            (buf[:2 * n * n].view(n, 2 * n)[:, ::2], buf[n * n - 3:2 * n * n - 3])]  # strided, tail overlap
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("case", range(5))
+def test_partially_overlapping_out_is_refused(backend, case):
+    # the kernels read the input while writing out: a partial overlap once returned wrong values
+    # silently (gram out = gram.T: error 1.57; center_columns likewise 2.37)
+    n = 8
+    src, out = _partial_overlaps(n)[case]
+    before = out.clone()
+    with pytest.raises(ValueError, match="out overlaps gram"):
+        ops.gram_epilogue(src, unbiased=True, out=out, backend=backend)
+    x, dest = src[:, :5], out[:n * 5].view(n, 5)  # (n, 5) views of the same memory
+    if x.dtype == dest.dtype:
+        with pytest.raises(ValueError, match="out overlaps x"):
+            ops.center_columns(x, out_dtype=dest.dtype, out=dest, backend=backend)
+    assert torch.equal(out, before)  # nothing written
+    # disjoint views of one storage are fine
+    far = torch.full((n * n,), float("nan"), dtype=torch.float64)
+    whole = torch.cat([src.reshape(-1), far])
+    g, o = whole[:n * n].view(n, n), whole[n * n:]
+    got = ops.gram_epilogue(g, unbiased=False, out=o, backend=backend)[0]
+    torch.testing.assert_close(got, ops.gram_epilogue_reference(g, False)[0], atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "triton"])
 def test_custom_ops_pass_opcheck(backend):
     """Both ops are registered torch custom ops with fake implementations."""

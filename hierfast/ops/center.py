@@ -19,6 +19,28 @@ _OUT = (torch.float32, torch.float64)
 OP = Op("center_columns")
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range ``[lo, hi)`` that ``t``'s elements occupy (strides are never negative in torch)."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def check_no_partial_overlap(src: torch.Tensor, out: torch.Tensor, src_name: str) -> None:
+    """Raise unless ``out`` (contiguous, same numel as ``src``) is disjoint from ``src`` or is
+    exactly ``src`` in place (same start, dtype and contiguous layout). The kernels read ``src``
+    while writing ``out``: any other overlap would feed them values they already overwrote."""
+    if src.numel() == 0 or src.device != out.device:
+        return
+    (a0, a1), (b0, b1) = _span(src), _span(out)
+    if a1 <= b0 or b1 <= a0:
+        return
+    if src.data_ptr() == out.data_ptr() and src.dtype == out.dtype and src.is_contiguous():
+        return
+    raise ValueError(f"out overlaps {src_name}'s memory without being exactly {src_name} in place (same storage "
+                     f"offset, dtype and contiguous layout); pass a separate out (or out=None), or "
+                     f"{src_name}.clone()")
+
+
 def center_columns_reference(x: torch.Tensor, out_dtype: torch.dtype = torch.float64):
     """Plain-torch float64 definition: ``(x - mean, mean)`` with ``out`` in ``out_dtype``."""
     x64 = x.to(torch.float64)
@@ -102,6 +124,8 @@ def center_columns(x: torch.Tensor, *, out_dtype: torch.dtype = torch.float32, o
     elif out.shape != (n, d) or out.dtype != out_dtype or not out.is_contiguous() or out.device != x.device:
         raise ValueError(f"out must be a contiguous ({n}, {d}) {out_dtype} tensor on {x.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
+    else:
+        check_no_partial_overlap(x, out, "x")
     mean = torch.empty(d, dtype=torch.float64, device=x.device)
     if is_compiling():
         _center_columns_op(x, out, mean, backend)

@@ -19,6 +19,7 @@ import torch
 from .. import _dtypes
 from .._compile import is_compiling
 from ..backends import Op
+from .center import check_no_partial_overlap
 from ._launch import cpu_kernels, cuda_kernels, cuda_stream, on_device
 
 _IN = (torch.float32, torch.float64)
@@ -103,6 +104,7 @@ def _check(gram: torch.Tensor, out: torch.Tensor | None, unbiased: bool) -> None
                              f"{tuple(out.shape)} (contiguous={out.is_contiguous()})")
         if out.dtype not in _IN:
             raise TypeError(f"out must be float32 or float64, got {out.dtype}")
+        check_no_partial_overlap(gram, out, "gram")
 
 
 def gram_epilogue(gram: torch.Tensor, *, unbiased: bool, out: torch.Tensor | None = None,

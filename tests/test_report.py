@@ -206,3 +206,88 @@ def test_results_json_is_strict_and_reads_back_nan(tmp_path):
     np.testing.assert_array_equal(as_array(saved["analysis"]["cka"]), cka)  # NaN where NaN, values elsewhere
     assert saved["analysis"]["cka"][0][0] is None
     assert check_patterns(saved["analysis"]) == json.loads(json.dumps(check_patterns(a)))
+
+
+def _spearman_reference(v):
+    """Pearson correlation of the average ranks of the finite values with their depth order."""
+    v = np.asarray(v, dtype=float)
+    v = v[np.isfinite(v)]
+    ranks = np.array([np.mean([j for j, u in enumerate(sorted(v)) if u == x]) for x in v])
+    return float(np.corrcoef(np.arange(v.size), ranks)[0, 1])
+
+
+def test_nan_probe_accuracy_is_left_out_never_a_holds():
+    acc = [0.50, 0.45, 0.40, np.nan, np.nan, 0.51]
+    assert spearman(acc) == pytest.approx(_spearman_reference(acc))  # 0.2: NaN used to rank as the highest
+    a = _hierarchy()
+    a["probe"]["accuracy"] = np.array(acc)
+    out = {p["name"]: p for p in check_patterns(a)}["probe_rises_with_depth"]
+    assert out["holds"] is False and "conv4" in out["evidence"] and "conv5" in out["evidence"]
+    assert out["values"]["spearman"] == pytest.approx(0.2)
+    a["probe"]["accuracy"] = np.array([np.nan] * 5 + [0.5])  # one defined value: nothing to decide on
+    out = {p["name"]: p for p in check_patterns(a)}["probe_rises_with_depth"]
+    assert out["holds"] is None and out["undefined"] == LAYERS[:5]
+    assert np.isnan(spearman([np.nan, 1.0]))
+
+
+def test_unknown_transform_magnitude_is_no_undefined_verdict():
+    a = _hierarchy()
+    a["invariance"] = {"translate": {"magnitudes": [float("nan")], "score": np.linspace(0.3, 0.9, L)[None]}}
+    out = {p["name"]: p for p in check_patterns(a)}["translation_invariance_rises"]
+    assert out["holds"] is True and "magnitude not given" in out["evidence"] and "[]" not in out["evidence"]
+
+
+def test_meta_of_any_type_is_written_and_json_comes_with_the_html(tmp_path):
+    from pathlib import Path
+
+    a = _hierarchy()
+    a["meta"] = {"path": Path("/x"), "count": np.int64(7), "flag": np.bool_(True), "dtype": np.dtype("float32"),
+                 "acc": np.float32(0.5)}
+    res = write_report(a, tmp_path / "out")
+    meta = json.load(open(res["json"], encoding="utf-8"))["analysis"]["meta"]
+    assert meta == {"path": str(Path("/x")), "count": 7, "flag": True, "dtype": "float32", "acc": 0.5}
+    assert type(meta["count"]) is int
+    a["meta"] = {"bad": float("nan")}  # NaN becomes null: still strict JSON
+    res = write_report(a, tmp_path / "out2")
+    assert json.load(open(res["json"], encoding="utf-8"))["analysis"]["meta"] == {"bad": None}
+
+
+def test_html_is_not_written_when_the_json_cannot_be(tmp_path, monkeypatch):
+    import hierfast.report.html as H
+
+    def boom(v):
+        raise TypeError("not serialisable")
+
+    monkeypatch.setattr(H, "_json_ready", boom)
+    with pytest.raises(TypeError):
+        write_report(_hierarchy(), tmp_path / "out")
+    assert not (tmp_path / "out" / "report.html").exists()
+
+
+def test_dollar_signs_in_names_are_drawn_literally(tmp_path):
+    from hierfast.report import figures
+
+    names = [f"cost${i}\\q$" if i % 2 else f"l{i}" for i in range(L)]
+    a = _hierarchy()
+    a["layers"] = names
+    a["invariance"] = {"a$b$": a["invariance"]["translate"]}
+    a["reference_name"] = "$init$"
+    write_report(a, tmp_path / "out")  # used to raise ParseFatalException while drawing
+    for fig in (figures.cka_heatmap(a["cka"], names, title="$t$"), figures.invariance_curves(names, a["invariance"]),
+                figures.depth_curves(names, {"$s$": np.ones(L)}, ylabel="y", title="t")):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        texts = list(ax.get_xticklabels()) + [ax.title] + (list(legend.get_texts()) if legend else [])
+        shown = [t._preprocess_math(t.get_text()) for t in texts]
+        assert all(not ismath for _, ismath in shown)
+        assert [s for s, _ in shown[:L]] == names
+
+
+def test_sparsity_length_is_checked_and_the_caption_names_both_scores(tmp_path):
+    a = _hierarchy()
+    a["sparsity"] = np.ones(L - 1)
+    with pytest.raises(ValueError, match="sparsity"):
+        write_report(a, tmp_path / "out")
+    text = open(write_report(_hierarchy(), tmp_path / "ok")["html"], encoding="utf-8").read()
+    assert "f(Tx) − f(T′x)" in text and "f(Tx) − f(x)‖" in text  # two-view and one-view

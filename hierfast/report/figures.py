@@ -15,6 +15,17 @@ def _plt():
     return plt
 
 
+def _plain(text) -> str:
+    """User text (layer, transform, model names) drawn literally: matplotlib would read
+    ``$...$`` as mathtext (wrong glyphs, or a ParseFatalException); an escaped dollar is
+    drawn as a dollar."""
+    return str(text).replace("$", r"\$")
+
+
+def _plain_all(names) -> list[str]:
+    return [_plain(n) for n in names]
+
+
 def cka_heatmap(matrix, rows: list[str], cols: list[str] | None = None, *, title: str = "CKA",
                 xlabel: str = "layer", ylabel: str = "layer", ax=None):
     """Heatmap of a CKA matrix in [0, 1] with layer names and values in the cells (when small)."""
@@ -26,11 +37,11 @@ def cka_heatmap(matrix, rows: list[str], cols: list[str] | None = None, *, title
         size = 2.2 + 0.45 * max(len(rows), len(cols))
         fig, ax = plt.subplots(figsize=(size + 1.2, size), constrained_layout=True)
     im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="magma", origin="upper")
-    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_xticks(range(len(cols)), _plain_all(cols), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), _plain_all(rows), fontsize=8)
+    ax.set_xlabel(_plain(xlabel))
+    ax.set_ylabel(_plain(ylabel))
+    ax.set_title(_plain(title))
     if m.size <= 256:
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
@@ -49,13 +60,13 @@ def depth_curves(layers: list[str], series: dict, *, ylabel: str, title: str, er
     for label, vals in series.items():
         v = as_array(vals)
         err = None if errors is None or label not in errors else as_array(errors[label])
-        ax.errorbar(x, v, yerr=err, marker="o", ms=4, capsize=3 if err is not None else 0, label=label)
+        ax.errorbar(x, v, yerr=err, marker="o", ms=4, capsize=3 if err is not None else 0, label=_plain(label))
     if hline is not None:
-        ax.axhline(hline, color="grey", ls="--", lw=1, label=hline_label)
-    ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=8)
+        ax.axhline(hline, color="grey", ls="--", lw=1, label=None if hline_label is None else _plain(hline_label))
+    ax.set_xticks(x, _plain_all(layers), rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("layer (input → output)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_ylabel(_plain(ylabel))
+    ax.set_title(_plain(title))
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
@@ -79,9 +90,9 @@ def invariance_curves(layers: list[str], invariance: dict):
         colours = plt.cm.viridis(np.linspace(0.1, 0.9, len(mags)))
         for i, m in enumerate(mags):
             ax.plot(x, score[i], marker="o", ms=3, color=colours[i], label=f"{m:g}")
-        ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(x, _plain_all(layers), rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("invariance (NIS; 1 = invariant)")
-        ax.set_title(f"{t}")
+        ax.set_title(_plain(t))
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)
         ax.legend(title="magnitude", fontsize=7, title_fontsize=7)

@@ -10,6 +10,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from . import figures
 from .patterns import check_patterns
 from .schema import as_array, validate
@@ -27,9 +29,11 @@ _TEXT = {
     "cka_vs_reference": "CKA between each layer of the analysed network and each layer of {ref}. When both have "
                         "the same layers, the diagonal says how much each layer differs: values near 1 mean the "
                         "layer holds the same representation; low values mean it was rewritten.",
-    "invariance": "Normalised invariance score per layer: 1 − E‖f(Tx) − f(T′x)‖² / E‖f(x) − f(x′)‖², where T, T′ "
-                  "are two random draws of the transform and x′ another input. 1 = the layer ignores the "
-                  "transform; 0 = the transform moves the layer as far as swapping in a different input.",
+    "invariance": "Normalised invariance score per layer, x′ being another input: for a random transform the "
+                  "two-view 1 − E‖f(Tx) − f(T′x)‖² / E‖f(x) − f(x′)‖², T and T′ two independent draws; for a "
+                  "deterministic one (blur, a flip with probability 1, magnitude 0) the one-view "
+                  "1 − E‖f(Tx) − f(x)‖² / E‖f(x) − f(x′)‖². 1 = the layer ignores the transform; 0 = the "
+                  "transform moves the layer as far as swapping in a different input.",
     "probe": "Held-out accuracy of a ridge linear probe trained on each layer's features (solid), of the same "
              "probe on a control task with random labels fixed per input (Hewitt & Liang 2019), and their "
              "difference, the selectivity. Rising accuracy means the class becomes linearly readable with depth.",
@@ -51,17 +55,22 @@ def _png(fig) -> bytes:
 
 def _json_ready(v):
     """Plain lists and numbers; NaN/inf become null (strict JSON; ``schema.as_array`` reads
-    null back as NaN)."""
+    null back as NaN). Numpy integers and booleans keep their type; anything else JSON has
+    no type for (a Path, a dtype, in the free-form ``meta``) becomes ``str(v)``."""
     if isinstance(v, dict):
         return {str(k): _json_ready(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_json_ready(x) for x in v]
-    if hasattr(v, "detach") or type(v).__module__ == "numpy":
+    if isinstance(v, (np.bool_, np.integer)):
+        return v.item()
+    if hasattr(v, "detach") or isinstance(v, (np.ndarray, np.floating)):
         a = as_array(v)
         return _json_ready(a.tolist() if a.ndim else float(a))
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    return v
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
 
 
 def _figures(a: dict) -> list[tuple[str, str, str, bytes]]:
@@ -125,6 +134,11 @@ def write_report(analysis: dict, out_dir, *, title: str = "hierfast: the hierarc
         ``{"html": path, "json": path, "figures": [paths], "patterns": [...]}``.
     """
     validate(analysis)
+    patterns = check_patterns(analysis)
+    # serialised before anything is written: a value JSON cannot hold fails here, never
+    # after report.html is on disk without its results.json
+    payload = json.dumps({"analysis": _json_ready(analysis), "patterns": _json_ready(patterns)}, indent=1,
+                         allow_nan=False)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +146,6 @@ def write_report(analysis: dict, out_dir, *, title: str = "hierfast: the hierarc
         raise ValueError(f"out_dir {str(out)!r} cannot be created ({e.strerror}); choose a writable directory") from e
     if not os.access(out, os.W_OK):
         raise ValueError(f"out_dir {str(out)!r} is not writable; choose a writable directory")
-    patterns = check_patterns(analysis)
     figs = _figures(analysis)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
@@ -160,8 +173,7 @@ def write_report(analysis: dict, out_dir, *, title: str = "hierfast: the hierarc
     tmp.write_text("".join(parts), encoding="utf-8")
     os.replace(tmp, html_path)  # atomic: an interrupted write never leaves half a report
     json_path = out / "results.json"
-    payload = {"analysis": _json_ready(analysis), "patterns": _json_ready(patterns)}
     tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False), encoding="utf-8")
+    tmp.write_text(payload, encoding="utf-8")
     os.replace(tmp, json_path)
     return {"html": str(html_path), "json": str(json_path), "figures": paths, "patterns": patterns}

@@ -15,9 +15,16 @@ from .schema import as_array, validate
 
 
 def spearman(a) -> float:
-    """Rank correlation of the values with their position (depth); ties get average ranks."""
+    """Rank correlation of the values with their position (depth); ties get average ranks.
+
+    Only the finite values are ranked, against the ranks of their depths (argsort would
+    put NaN last, i.e. rank it highest); NaN when fewer than two are finite."""
     v = as_array(a)
-    if v.size < 2 or np.all(v == v[0]):
+    v = v[np.isfinite(v)]
+    depth = np.arange(v.size, dtype=np.float64)  # depth order of the finite values
+    if v.size < 2:
+        return float("nan")
+    if np.all(v == v[0]):
         return 0.0
     ranks = np.empty(v.size)
     order = np.argsort(v, kind="mergesort")
@@ -25,7 +32,6 @@ def spearman(a) -> float:
     for u in np.unique(v):  # average ranks of ties
         m = v == u
         ranks[m] = ranks[m].mean()
-    depth = np.arange(v.size, dtype=np.float64)
     return float(np.corrcoef(depth, ranks)[0, 1])
 
 
@@ -62,11 +68,13 @@ def probe_rises(analysis: dict) -> dict:
     if acc is None:
         return {"name": name, "holds": None, "statement": statement, "evidence": "not measured"}
     a = as_array(acc)
+    bad = ~np.isfinite(a)
+    defined = a[~bad]  # first and last *defined* layers; NaN ones are left out as in the other checks
+    first, last = (float(defined[0]), float(defined[-1])) if defined.size else (float("nan"), float("nan"))
     rho = spearman(a)
-    holds = bool(a[-1] > a[0] and rho >= 0.5)
-    return {"name": name, "holds": holds, "statement": statement,
-            "evidence": f"first layer {a[0]:.3f}, last layer {a[-1]:.3f}, rank correlation with depth {rho:+.2f}",
-            "values": {"first": float(a[0]), "last": float(a[-1]), "spearman": rho}}
+    return _result(name, statement, lambda: last > first and rho >= 0.5,
+                   f"first layer {first:.3f}, last layer {last:.3f}, rank correlation with depth {rho:+.2f}",
+                   {"first": first, "last": last, "spearman": rho}, _bad_layers(analysis, bad))
 
 
 def translation_invariance_rises(analysis: dict, transform: str | None = None) -> dict:
@@ -83,12 +91,16 @@ def translation_invariance_rises(analysis: dict, transform: str | None = None) -
         return {"name": name, "holds": None, "statement": statement, "evidence": "not measured"}
     mags = as_array(curve["magnitudes"])
     score = as_array(curve["score"])
-    i = int(np.argmin(np.where(mags > 0, mags, np.inf)))  # smallest non-zero magnitude
+    usable = np.isfinite(mags) & (mags > 0)
+    # smallest non-zero magnitude; the first transform when none is known (Lambda's NaN)
+    i = int(np.argmin(np.where(usable, mags, np.inf))) if usable.any() else 0
+    where = f"at magnitude {mags[i]:g}" if np.isfinite(mags[i]) else "for the first transform (magnitude not given)"
     bottom, top = _thirds(score[i])
-    return _result(name, statement, lambda: top > bottom,
-                   f"at magnitude {mags[i]:g}: mean invariance bottom third {bottom:.3f}, top third {top:.3f}",
-                   {"magnitude": float(mags[i]), "bottom": bottom, "top": top},
-                   _bad_layers(analysis, ~np.isfinite(score[i])))
+    out = _result(name, statement, lambda: top > bottom,
+                  f"{where}: mean invariance bottom third {bottom:.3f}, top third {top:.3f}",
+                  {"bottom": bottom, "top": top}, _bad_layers(analysis, ~np.isfinite(score[i])))
+    out["values"]["magnitude"] = float(mags[i])  # a label, not a value to decide on: NaN is no "undefined"
+    return out
 
 
 def adjacent_more_similar(analysis: dict) -> dict:

@@ -47,6 +47,9 @@ def validate(analysis: dict) -> list[str]:
         for s in sub:
             if s in analysis.get(key, {}) and as_array(analysis[key][s]).shape != (L,):
                 raise ValueError(f"analysis[{key!r}][{s!r}] must have {L} values, one per layer")
+    if "sparsity" in analysis and as_array(analysis["sparsity"]).shape != (L,):
+        raise ValueError(f"analysis['sparsity'] must have {L} values, one per layer, got shape "
+                         f"{as_array(analysis['sparsity']).shape}")
     for t, curve in analysis.get("invariance", {}).items():
         m = len(curve["magnitudes"])
         if as_array(curve["score"]).shape != (m, L):

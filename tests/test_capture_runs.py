@@ -313,3 +313,196 @@ def test_checkpoint_of_an_older_version_resumes_with_a_warning(tmp_path):
     with pytest.warns(RuntimeWarning, match="older hierfast without a record of its configuration"):
         resumed = analyze(make_net(), make_data(4), checkpoint=ckpt, progress=False)
     assert torch.equal(resumed.cka, analyze(make_net(), make_data(4), progress=False).cka)
+
+
+# -- checkpoints stay consistent with the counters ---------------------------------------------
+def _interrupt_at(line_text, hit, offset=0):
+    """A tracer raising KeyboardInterrupt (as Ctrl-C would) the ``hit``-th time analyze reaches
+    the line ``offset`` lines after the one reading ``line_text``."""
+    import hierfast.capture.engine as engine
+
+    lines = open(engine.__file__).read().splitlines()
+    target = [i for i, text in enumerate(lines, 1) if text.strip() == line_text][0] + offset
+    hits = [0]
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == target:
+            hits[0] += 1
+            if hits[0] == hit:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is engine.analyze.__code__ else None
+
+    return tracer
+
+
+@pytest.mark.parametrize("every", [1, 100])
+def test_interrupt_after_the_update_before_the_counters_loses_nothing(tmp_path, every):
+    """consistent was set before n_samples/n_batches/next_batch moved on: an interrupt there
+    saved batch 2's sums with next_batch 2, and the resume counted batch 2 twice."""
+    stats = ("cka", "sparsity")
+    full = analyze(make_net(), make_data(6), stats=stats, progress=False)
+    ckpt = tmp_path / "c.pt"
+    sys.settrace(_interrupt_at("run.n_samples += n", hit=3))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            analyze(make_net(), make_data(6), stats=stats, checkpoint=ckpt, checkpoint_every=every, progress=False)
+    finally:
+        sys.settrace(None)
+    if every == 1:  # the checkpoint after batch 1 is kept, not overwritten from the half-counted state
+        assert torch.load(ckpt, weights_only=True)["next_batch"] == 2
+    resumed = analyze(make_net(), make_data(6), stats=stats, checkpoint=ckpt, checkpoint_every=every, progress=False)
+    assert torch.equal(resumed.cka, full.cka) and torch.equal(resumed.sparsity, full.sparsity)
+    assert resumed.n_samples == full.n_samples == 48 and resumed.n_batches == 6
+
+
+def test_interrupt_in_the_skip_path_counts_the_skipped_batch_once(tmp_path):
+    """An interrupt after n_skipped += 1 but before next_batch moved saved n_skipped 1 with
+    next_batch at the skipped batch: the resume skipped it again (n_skipped 2)."""
+    nan = [(torch.full((8, 3, 8, 8), float("nan")), torch.zeros(8, dtype=torch.long))]
+    data = make_data(2) + nan + make_data(2, seed=3)
+    with pytest.warns(RuntimeWarning, match="skipped 1 batch"):
+        full = analyze(make_net(), data, on_nonfinite="skip", progress=False)
+    ckpt = tmp_path / "s.pt"
+    sys.settrace(_interrupt_at("run.n_skipped += 1", hit=1, offset=1))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            analyze(make_net(), data, on_nonfinite="skip", checkpoint=ckpt, checkpoint_every=100, progress=False)
+    finally:
+        sys.settrace(None)
+    with pytest.warns(RuntimeWarning, match="skipped 1 batch"):
+        resumed = analyze(make_net(), data, on_nonfinite="skip", checkpoint=ckpt, progress=False)
+    assert resumed.n_skipped == 1 and resumed.n_batches == full.n_batches == 4
+    assert torch.equal(resumed.cka, full.cka)
+
+
+def test_checkpoint_while_a_statistic_is_still_empty(tmp_path):
+    """A first batch too small for CKA left its accumulator empty, and its state_dict() raised:
+    no checkpoint could be written ("MinibatchCKA.state_dict() called before any update()")."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(3, 3, 8, 8, generator=g), torch.zeros(3, dtype=torch.long))] + make_data(4)
+    stats = ("cka", "sparsity")
+    with pytest.warns(RuntimeWarning, match="'cka' needs >= 4"):
+        full = analyze(make_net(), data, stats=stats, progress=False)
+    ckpt = tmp_path / "c.pt"
+    with pytest.warns(RuntimeWarning, match="'cka' needs >= 4"):
+        with pytest.raises(ValueError, match=r"every batch was too small for \['cka'\]"):
+            analyze(make_net(), data, stats=stats, checkpoint=ckpt, checkpoint_every=1, max_batches=1,
+                    progress=False)
+    assert torch.load(ckpt, weights_only=True)["states"]["cka"]["empty"]  # written, with CKA still empty
+    resumed = analyze(make_net(), data, stats=stats, checkpoint=ckpt, checkpoint_every=1, progress=False)
+    assert torch.equal(resumed.cka, full.cka) and torch.equal(resumed.sparsity, full.sparsity)
+    assert resumed.skipped_small == {"cka": 1, "sparsity": 0} and resumed.n_samples == 35
+
+
+def test_max_batches_below_the_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    analyze(make_net(), make_data(6), checkpoint=ckpt, max_batches=4, progress=False)
+    with pytest.raises(ValueError, match=r"max_batches=2 but checkpoint=.* already holds 4 batches.*"
+                                         r"max_batches >= 4"):
+        analyze(make_net(), make_data(6), checkpoint=ckpt, max_batches=2, progress=False)
+    again = analyze(make_net(), make_data(6), checkpoint=ckpt, max_batches=4, progress=False)
+    assert torch.equal(again.cka, analyze(make_net(), make_data(6), max_batches=4, progress=False).cka)
+
+
+def test_corrupt_checkpoint_and_stale_temporary_files(tmp_path):
+    ckpt = tmp_path / "bad.pt"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=r"checkpoint=.*bad\.pt.* cannot be read.*delete it"):
+        analyze(make_net(), make_data(2), checkpoint=ckpt, progress=False)
+    ckpt = tmp_path / "c.pt"
+    stale = [tmp_path / "c.pt.tmp999999", tmp_path / "c.pt.tmp4"]  # left by saves killed mid-write
+    other = tmp_path / "c.rank1.pt.tmp5"  # another rank's file: not this checkpoint's
+    for p in (*stale, other):
+        p.write_bytes(b"partial")
+    analyze(make_net(), make_data(2), checkpoint=ckpt, progress=False)
+    assert not any(p.exists() for p in stale) and other.exists()
+
+
+# -- distributed failures: every rank raises at once, checkpoints hold each rank's own shard -----
+def _failure_worker(rank, world, port, tmp):
+    import datetime
+    import time
+
+    import hierfast.capture.statistics as statistics
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # short timeout: a rank left waiting in a collective fails the test in seconds
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    out = {}
+    try:
+        # 1. Ctrl-C in compute(), after the states were summed: the rank files must keep the shard's sums
+        shard = make_data(5)[:4] if rank == 0 else make_data(5)[4:]
+        orig, calls = statistics.CKAStatistic.compute, [0]
+
+        def flaky(self):
+            calls[0] += 1
+            if calls[0] == 1:
+                raise KeyboardInterrupt
+            return orig(self)
+
+        statistics.CKAStatistic.compute = flaky
+        try:
+            analyze(make_net(), shard, stats=("cka", "sparsity"), checkpoint=f"{tmp}/s.pt", progress=False)
+        except KeyboardInterrupt:
+            pass
+        statistics.CKAStatistic.compute = orig
+        out["file_n"] = torch.load(f"{tmp}/s.rank{rank}.pt", weights_only=True)["n_samples"]
+        r = analyze(make_net(), shard, stats=("cka", "sparsity"), checkpoint=f"{tmp}/s.pt", progress=False)
+        out["resumed"] = (r.cka, r.sparsity, r.n_samples)
+        # 2. rank 1's only batch is too small for CKA: it adds nothing to CKA, its samples to sparsity
+        g = torch.Generator().manual_seed(5)
+        small = [(torch.randn(3, 3, 8, 8, generator=g), torch.zeros(3, dtype=torch.long))]
+        t0 = time.time()
+        r = analyze(make_net(), make_data(2) if rank == 0 else small, stats=("cka", "sparsity"), progress=False)
+        out["small"] = (r.cka, r.sparsity, r.n_samples, r.skipped_small, time.time() - t0)
+        # 3. too small for CKA on every rank: the same error everywhere, at once
+        t0 = time.time()
+        try:
+            analyze(make_net(), small, stats=("cka", "sparsity"), progress=False)
+        except ValueError as e:
+            out["all_small"] = (str(e), time.time() - t0)
+        # 4. rank 1's model raises mid-run: rank 0 raises too instead of waiting for the timeout
+        t0 = time.time()
+        try:
+            analyze(DieAt(make_net(), at=1 if rank == 1 else -1), make_data(3), progress=False)
+        except RuntimeError as e:
+            out["failed"] = (str(e), time.time() - t0)
+    finally:
+        torch.save(out, f"{tmp}/out{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_failures(tmp_path):
+    import warnings
+
+    mp.spawn(_failure_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(2)]
+    whole = analyze(make_net(), make_data(5), stats=("cka", "sparsity"), progress=False)
+    g = torch.Generator().manual_seed(5)
+    small = [(torch.randn(3, 3, 8, 8, generator=g), torch.zeros(3, dtype=torch.long))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        union = analyze(make_net(), make_data(2) + small, stats=("cka", "sparsity"), progress=False)
+    for r in range(2):
+        o = got[r]
+        # 1: the file holds the rank's own 32 / 8 samples, not the summed 40; the resume equals one process
+        assert o["file_n"] == (32, 8)[r]
+        cka, sparsity, n = o["resumed"]
+        torch.testing.assert_close(cka, whole.cka, atol=1e-9, rtol=0)
+        torch.testing.assert_close(sparsity, whole.sparsity, atol=1e-12, rtol=0)
+        assert n == 40
+        # 2: the empty CKA on rank 1 adds zeros (it used to leave rank 0 in the all_reduce until the timeout)
+        cka, sparsity, n, skipped, took = o["small"]
+        torch.testing.assert_close(cka, union.cka, atol=1e-9, rtol=0)
+        torch.testing.assert_close(sparsity, union.sparsity, atol=1e-12, rtol=0)
+        assert n == 19 and skipped == {"cka": 1, "sparsity": 0} and took < 10
+        msg, took = o["all_small"]
+        assert "every batch was too small for ['cka']" in msg and took < 10
+        # 4: the failing rank raises its own error, the other says which rank failed
+        msg, took = o["failed"]
+        assert ("simulated failure" if r == 1 else "rank(s) [1] failed during analyze") in msg and took < 10

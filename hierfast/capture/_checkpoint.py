@@ -2,7 +2,10 @@
 fingerprint of the configuration (a resume must match it)."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -18,7 +21,8 @@ def rank_path(path, rank: int | None) -> Path:
 
 def save(path: Path, payload: dict) -> None:
     """Write to a temporary file, fsync, then ``os.replace``: a kill leaves the old or the new
-    checkpoint, never a torn one."""
+    checkpoint, never a torn one. Temporary files of this checkpoint that a kill mid-save left
+    behind (another process id) are removed afterwards, so they do not accumulate."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -26,12 +30,28 @@ def save(path: Path, payload: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _remove_stale_temps(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete ``name.tmp<pid>`` siblings of ``path``: one file per rank means no other live
+    process writes this checkpoint, so they are leftovers of killed saves."""
+    prefix = path.name + ".tmp"
+    for p in path.parent.glob(glob.escape(prefix) + "*"):
+        if p.name[len(prefix):].isdigit():
+            with contextlib.suppress(OSError):  # already gone, or not ours to delete
+                p.unlink()
 
 
 def load(path: Path) -> dict | None:
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torn or foreign file (not: permissions)
+        raise ValueError(f"checkpoint={str(path)!r} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is "
+                         "corrupt or not a hierfast.analyze checkpoint: delete it to start fresh, or choose another "
+                         "path") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"checkpoint={str(path)!r} is not a hierfast.analyze checkpoint; delete it or choose "
                          "another path")

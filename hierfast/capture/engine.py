@@ -142,16 +142,19 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
         reduce, output_fn: how outputs become ``(M, d)`` features (see :class:`LayerCapture`).
         device: where to run; the model(s) are moved there (``nn.Module.to``). Default: the
             device of each model's parameters. Batches are moved to the model's device.
-        max_batches: stop after this many batches of ``data`` (counting skipped ones).
+        max_batches: stop after this many batches of ``data`` (counting skipped ones). Below
+            the batches a checkpoint already holds: ValueError (a checkpoint cannot be rewound).
         progress: tqdm bar on stderr (only when stderr is a terminal).
         checkpoint: file path; states and the next batch index are written atomically every
-            ``checkpoint_every`` batches, at the end, and when the run stops on an exception.
+            ``checkpoint_every`` batches, at the end, and when the run stops on an exception
+            (unless it stopped while a batch was half counted: then the last checkpoint stays).
             If the file exists the run resumes from it (earlier batches are read from
             ``data`` and discarded, not run), giving exactly the uninterrupted result. A
             checkpoint written with another configuration (statistics and their options,
             reduce, output_fn, compare_to, selected layers, their parameter shapes) is refused
-            with a ValueError saying what differs.
-            Distributed runs write one file per rank (``name.rank{r}.pt``).
+            with a ValueError saying what differs; an unreadable file, with a ValueError saying
+            to delete it. Distributed runs write one file per rank (``name.rank{r}.pt``), each
+            with its own shard's sums (never the summed states).
         on_nonfinite: ``"raise"`` (ValueError naming the layer and batch) or ``"skip"`` (the
             batch is left out of every statistic, counted in ``Results.n_skipped``, warned).
         group: ``torch.distributed`` process group for the final sum (default: world).
@@ -161,7 +164,17 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
     shuffle=False), batch_size=b)`` — and at least one batch. Each rank streams its shard;
     the statistic states are summed with one ``all_reduce`` per statistic at the end, and
     every rank returns the same Results. Minibatch CKA sums per-batch HSIC terms, so the
-    result equals one process seeing the same batches (up to float64 summation order).
+    result equals one process seeing the same batches (up to float64 summation order). A
+    statistic for which one rank's batches were all too small gets zeros from that rank; one
+    that no rank could use raises the same ValueError on every rank.
+
+    Failures under ``torch.distributed``: a rank whose model or data raises during the pass
+    keeps its checkpoint and then joins the others' final agreement with its error, so every
+    rank raises (the others a RuntimeError naming the failed rank) once they reach the end of
+    their shards. Not covered, and left to the process group's timeout (set a short one with
+    ``init_process_group(timeout=...)``) or the launcher: a rank that dies (killed,
+    ``os._exit``, out of memory), a Ctrl-C on some ranks only, and errors after the ranks
+    agreed (while summing the states or computing the results).
 
     Returns:
         :class:`Results` with ``.layers``, ``.shapes``, ``.n_samples`` and one attribute per
@@ -217,6 +230,10 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                              f"for {[n for n, _ in specs]}; delete the file or use another path")
         _checkpoint.check_config(ckpt_path, state.get("config"), config)
         start = state["next_batch"]
+        if max_batches is not None and max_batches < start:
+            raise ValueError(f"max_batches={max_batches} but checkpoint={str(ckpt_path)!r} already holds {start} "
+                             f"batches, and a checkpoint cannot be rewound; pass max_batches >= {start} (or None), "
+                             "or delete the checkpoint to recompute")
         run.restore(state)
         run.ckpt = ckpt_path
         objs = _make_stats(specs, run.layers_a, run.layers_b)
@@ -233,7 +250,9 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
         total = max_batches if total is None else min(total, max_batches)
     bar = _bar(total, start, progress)
     run.next_batch = start
-    consistent = True
+    consistent = True  # statistics and counters describe the same batches: a checkpoint may be written
+    agreed = False  # this rank has entered the final agreement: the ranks left the loop together
+    synced = False  # states are (being) summed over the ranks: never write them as this rank's own
     labels = None
     try:
         for m in (model, compare_to):
@@ -266,8 +285,10 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                         raise ValueError(f"layer {bad[0]!r} of {which} produced NaN or inf at batch {i} (first at "
                                          f"sample {bad[1]}); check the model and inputs, or pass "
                                          "on_nonfinite='skip' to leave such batches out")
+                    consistent = False  # n_skipped counts batch i before next_batch moves past it
                     run.n_skipped += 1
                     run.next_batch = i + 1
+                    consistent = True
                     del fa, fb
                     bar.update(1)
                     continue
@@ -282,36 +303,43 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                 small = [name for name in objs if run.rows < mins[name]]
                 if small:
                     _warn_small(i, run.rows, small, mins)
-                consistent = False  # a failure between here and the end leaves statistics half-updated
+                # a failure from here until every counter moved past batch i leaves the statistics
+                # and counters out of step: no checkpoint is written from that state
+                consistent = False
                 for name, s in objs.items():
                     if name not in small:
                         s.update_batch(fa, fb, ctx)
-                consistent = True
                 for name in small:
                     run.small[name] += 1
                 del fa, fb, ctx
                 run.n_samples += n
                 run.n_batches += 1
                 run.next_batch = i + 1
+                consistent = True
                 bar.update(1)
                 if ckpt_path is not None and run.next_batch % checkpoint_every == 0:
                     save_ckpt()
             if dist is not None:
+                agreed = True
                 _agree(dist, group, objs is not None, (run.layers_a, run.layers_b), rank)
             if objs is None:
                 raise ValueError(_empty_message(data, start, run.n_skipped, rank))
             if ckpt_path is not None:
                 save_ckpt()  # before sync: each rank's file holds its own shard's sums
             if dist is not None:
+                synced = True  # from here on the states become global sums, not this shard's
                 run.sync(dist, group)
+                _check_used(run, mins)  # global counts: every rank raises alike, before the statistics' syncs
                 for s in objs.values():
                     s.sync(group)
             _check_used(run, mins)
             values = {name: s.compute() for name, s in objs.items()}
-    except BaseException:
+    except BaseException as e:
         # keep everything done so far (a model raising mid-run, Ctrl-C): rerunning resumes
-        if ckpt_path is not None and objs is not None and consistent and run.n_batches:
+        if ckpt_path is not None and objs is not None and consistent and not synced and run.n_batches:
             save_ckpt()
+        if dist is not None and not agreed and isinstance(e, Exception):
+            _report_failure(dist, group, e)  # the other ranks wait in _agree: let them raise too
         raise
     finally:
         bar.close()
@@ -355,10 +383,17 @@ def _check_used(run, mins: dict) -> None:
 
 
 def _agree(dist, group, has_data: bool, layout, rank) -> None:
-    """Before the all_reduce: every rank must have data and the same layers, else every rank
-    raises the same error (one rank raising alone would leave the others waiting forever)."""
+    """Before the all_reduce: no rank failed, every rank has data and the same layers, else
+    every rank raises (one rank raising alone would leave the others waiting until the
+    process group's timeout)."""
     got = [None] * dist.get_world_size(group)
-    dist.all_gather_object(got, (has_data, layout), group=group)
+    dist.all_gather_object(got, (None, has_data, layout), group=group)
+    failed = [(r, err) for r, (err, _, _) in enumerate(got) if err is not None]
+    if failed:
+        raise RuntimeError(f"rank(s) {[r for r, _ in failed]} failed during analyze (rank {failed[0][0]}: "
+                           f"{failed[0][1]}); this rank stops too, its checkpoint keeps its progress (see the failing "
+                           "rank's traceback)")
+    got = [(h, lay) for _, h, lay in got]
     empty = [r for r, (h, _) in enumerate(got) if not h]
     if empty:
         raise ValueError(f"rank(s) {empty} received no batch; every rank needs at least one (shard with "
@@ -367,6 +402,17 @@ def _agree(dist, group, has_data: bool, layout, rank) -> None:
     if other:
         raise ValueError(f"rank(s) {other} recorded other layers than rank 0 ({got[other[0]][1]} vs {got[0][1]}); "
                          "every rank must run the same model(s) with the same selection")
+
+
+def _report_failure(dist, group, error: Exception) -> None:
+    """Take part in the other ranks' :func:`_agree` with this rank's error, so that they raise
+    instead of waiting; this rank then raises its own error. Best effort: if the collective
+    itself fails (the others are gone, or timed out), the original error still propagates."""
+    got = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(got, (f"{type(error).__name__}: {error}"[:500], False, None), group=group)
+    except Exception:  # noqa: BLE001 - the error being raised matters more than this one
+        pass
 
 
 def _mask_of(x, dev):

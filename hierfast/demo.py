@@ -182,7 +182,8 @@ def run_demo(out: str | Path = "hierfast-demo", *, quick: bool = False, seed: in
     analysis["meta"] = {
         "model": f"CNN of {len(CHANNELS)} Conv2dAct(ReLU)+BatchNorm blocks, channels {list(CHANNELS)}",
         "data": f"scikit-learn digits upsampled to {IMAGE_SIZE}x{IMAGE_SIZE}: {len(y_tr)} train, "
-                f"{len(y_te)} held-out images",
+                f"{len(y_te)} held-out images (accuracy on all; the statistics on the {analysis['n_samples']} "
+                "in whole batches)",
         "held-out accuracy": f"{acc:.4f}",
         "seed": seed,
         "mode": "quick" if quick else "full",
@@ -205,6 +206,8 @@ def run_demo(out: str | Path = "hierfast-demo", *, quick: bool = False, seed: in
 
 
 def _print_summary(a: dict, written: dict) -> None:
+    from .report.patterns import verdict_word
+
     print(f"hierfast demo: {a['meta']['data']}")
     print(f"held-out accuracy: {a['accuracy']:.3f}\n")
     print("CKA between layers of the trained network (held-out data):")
@@ -235,5 +238,5 @@ def _print_summary(a: dict, written: dict) -> None:
         print("".join(f"{r[i]:>{w}}" for r, w in zip(rows, widths)))
     print("\nwhat the hierarchy shows:")
     for p in written["patterns"]:
-        verdict = {True: "holds", False: "does NOT hold", None: "not measured"}[p["holds"]]
+        verdict = verdict_word(p)  # the HTML's words ("undefined" when NaN left nothing to decide on)
         print(f"  [{verdict}] {p['statement']} ({p['evidence']})")

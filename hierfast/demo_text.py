@@ -141,6 +141,7 @@ def run_text_demo(out: str | Path = "hierfast-demo-text", *, quick: bool = False
     from .demo import check_out_dir
     from .demo_analysis import measure
     from .report import write_report
+    from .report.patterns import verdict_word
 
     t0 = time.perf_counter()
     path, why = find_text_model(model_dir)
@@ -185,7 +186,7 @@ def run_text_demo(out: str | Path = "hierfast-demo-text", *, quick: bool = False
     print(f"hierfast demo --text: {len(sentences)} sentences, {len(a.layer_names)} blocks of {path}")
     print("sentiment probe accuracy by block: " + " ".join(f"{float(v):.2f}" for v in acc))
     for p in written["patterns"]:
-        verdict = {True: "holds", False: "does not hold", None: "not measured"}[p["holds"]]
+        verdict = verdict_word(p)  # the HTML's words
         print(f"- {p['statement']} {verdict}: {p['evidence']}")
     print(f"\nreport: {written['html']}\ndone in {time.perf_counter() - t0:.1f} s")
     return 0

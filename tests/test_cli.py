@@ -1,5 +1,6 @@
 """The console entry points run end to end."""
 import json
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,9 @@ def test_demo_quick_writes_report_with_the_hierarchy(tmp_path, capsys):
     assert set(a["invariance"]) == {"translate", "rotate", "noise", "blur"}
     assert len(a["probe"]["selectivity"]) == len(a["layers"])
     assert len(a["dimension"]["twonn"]) == len(a["layers"]) and min(a["dimension"]["twonn"]) > 1
+    # the meta reports how many held-out images the statistics saw (whole batches of 60 only)
+    held = int(re.search(r"(\d+) held-out images", a["meta"]["data"]).group(1))
+    assert a["n_samples"] == held // 60 * 60 and f"statistics on the {held // 60 * 60}" in a["meta"]["data"]
 
 
 def test_bench_unknown_name_lists_available():
@@ -149,3 +153,40 @@ def test_report_of_a_corrupt_or_foreign_json_is_one_line_exit_2(tmp_path, capsys
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert err.startswith("hierfast report: ") and "\n" not in err and re.search(message, err), err
+
+
+def test_demo_seed_reaches_the_invariance_draws():
+    """measure(seed=...) passes the seed to the invariance statistic, not only to the transforms."""
+    import torch
+    from torch import nn
+
+    from hierfast import transforms as T
+    from hierfast.demo_analysis import measure
+
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x, y = torch.randn(120, 1, 8, 8, generator=g), torch.arange(120) % 3
+    scores = [measure(net, net, x, y, layers=["2", "3"], quick=True, seed=s, progress=False, n_classes=3,
+                      transforms={"rotate": [T.Rotate(30, seed=1)]})["invariance"]["rotate"]["score"]
+              for s in (0, 1)]
+    assert not torch.allclose(scores[0], scores[1])
+
+
+def test_demo_summary_words_agree_with_the_report(capsys):
+    import torch
+
+    from hierfast.demo import _print_summary
+    from hierfast.report.html import _pattern_table
+
+    patterns = [{"holds": None, "undefined": ["conv3"], "statement": "s1", "evidence": "e1"},
+                {"holds": None, "statement": "s2", "evidence": "not measured"},
+                {"holds": False, "statement": "s3", "evidence": "e3"}]
+    a = {"meta": {"data": "d"}, "accuracy": 0.5, "layers": ["conv1", "conv2"], "cka": torch.eye(2)}
+    _print_summary(a, {"patterns": patterns})
+    out = capsys.readouterr().out
+    table = _pattern_table(patterns)
+    for word in ("undefined", "not measured", "does not hold"):
+        assert f"[{word}]" in out and f">{word}</td>" in table

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
-from .patterns import check_patterns
+from .patterns import check_patterns, verdict_word
 from .schema import as_array, validate
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:980px;margin:2em auto;
@@ -112,9 +112,7 @@ def _figures(a: dict) -> list[tuple[str, str, str, bytes]]:
 def _pattern_table(patterns: list[dict]) -> str:
     rows = []
     for p in patterns:
-        cls, word = {True: ("yes", "holds"), False: ("no", "does not hold"), None: ("na", "not measured")}[p["holds"]]
-        if p["holds"] is None and p.get("undefined") is not None:
-            word = "undefined"  # measured, but NaN values (constant layers) leave nothing to decide on
+        cls, word = {True: "yes", False: "no", None: "na"}[p["holds"]], verdict_word(p)
         rows.append(f"<tr><td>{html.escape(p['statement'])}</td><td class='{cls}'>{word}</td>"
                     f"<td>{html.escape(str(p['evidence']))}</td></tr>")
     return ("<table><tr><th>pattern</th><th>verdict</th><th>evidence</th></tr>" + "".join(rows) + "</table>")

@@ -136,6 +136,14 @@ def training_changes_top(analysis: dict) -> dict:
                    "(lower = changed more)", {"bottom": bottom, "top": top}, _bad_layers(analysis, ~np.isfinite(d)))
 
 
+def verdict_word(p: dict) -> str:
+    """The verdict of one check in words, the same in the HTML table and the demos' printout."""
+    if p["holds"] is None:
+        # measured, but NaN values (constant layers) left nothing to decide on
+        return "undefined" if p.get("undefined") is not None else "not measured"
+    return "holds" if p["holds"] else "does not hold"
+
+
 def check_patterns(analysis: dict) -> list[dict]:
     """All pattern checks on one analysis dict (see :mod:`hierfast.report.schema`)."""
     validate(analysis)

@@ -422,6 +422,15 @@ def test_corrupt_checkpoint_and_stale_temporary_files(tmp_path):
 
 
 # -- distributed failures: every rank raises at once, checkpoints hold each rank's own shard -----
+def _small_stats():
+    from hierfast.transforms import GaussianNoise
+
+    return {"cka": {}, "sparsity": {}, "invariance": {"transforms": {"noise": [GaussianNoise(0.1)]}, "cka": True}}
+
+
+_SMALL_STATS = _small_stats()  # invariance with cka needs >= 4 samples: empty on rank 1 as well
+
+
 def _failure_worker(rank, world, port, tmp):
     import datetime
     import time
@@ -457,8 +466,8 @@ def _failure_worker(rank, world, port, tmp):
         g = torch.Generator().manual_seed(5)
         small = [(torch.randn(3, 3, 8, 8, generator=g), torch.zeros(3, dtype=torch.long))]
         t0 = time.time()
-        r = analyze(make_net(), make_data(2) if rank == 0 else small, stats=("cka", "sparsity"), progress=False)
-        out["small"] = (r.cka, r.sparsity, r.n_samples, r.skipped_small, time.time() - t0)
+        r = analyze(make_net(), make_data(2) if rank == 0 else small, stats=_SMALL_STATS, progress=False)
+        out["small"] = (r.cka, r.sparsity, r.invariance, r.n_samples, r.skipped_small, time.time() - t0)
         # 3. too small for CKA on every rank: the same error everywhere, at once
         t0 = time.time()
         try:
@@ -487,7 +496,7 @@ def test_two_gloo_ranks_failures(tmp_path):
     small = [(torch.randn(3, 3, 8, 8, generator=g), torch.zeros(3, dtype=torch.long))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        union = analyze(make_net(), make_data(2) + small, stats=("cka", "sparsity"), progress=False)
+        union = analyze(make_net(), make_data(2) + small, stats=_SMALL_STATS, progress=False)
     for r in range(2):
         o = got[r]
         # 1: the file holds the rank's own 32 / 8 samples, not the summed 40; the resume equals one process
@@ -497,10 +506,12 @@ def test_two_gloo_ranks_failures(tmp_path):
         torch.testing.assert_close(sparsity, whole.sparsity, atol=1e-12, rtol=0)
         assert n == 40
         # 2: the empty CKA on rank 1 adds zeros (it used to leave rank 0 in the all_reduce until the timeout)
-        cka, sparsity, n, skipped, took = o["small"]
+        cka, sparsity, inv, n, skipped, took = o["small"]
         torch.testing.assert_close(cka, union.cka, atol=1e-9, rtol=0)
         torch.testing.assert_close(sparsity, union.sparsity, atol=1e-12, rtol=0)
-        assert n == 19 and skipped == {"cka": 1, "sparsity": 0} and took < 10
+        torch.testing.assert_close(inv["noise"]["score"], union.invariance["noise"]["score"], atol=1e-9, rtol=0)
+        torch.testing.assert_close(inv["noise"]["cka"], union.invariance["noise"]["cka"], atol=1e-9, rtol=0)
+        assert n == 19 and skipped == {"cka": 1, "sparsity": 0, "invariance": 1} and took < 10
         msg, took = o["all_small"]
         assert "every batch was too small for ['cka']" in msg and took < 10
         # 4: the failing rank raises its own error, the other says which rank failed

@@ -18,10 +18,14 @@ it returns implements :class:`Statistic`:
   numbers; tensors and dicts of tensors are saved to ``.npz`` by ``Results.save``).
 - ``state_dict()`` / ``load_state_dict(state)``: ``torch.save``-able state (tensors, numbers,
   strings, lists, dicts) for checkpoints; resuming must reproduce the uninterrupted result,
-  so keep sums in float64 and add them in batch order.
+  so keep sums in float64 and add them in batch order. Also called before the statistic has
+  seen any batch (every batch so far too small for it): return, and accept, an empty state
+  then (:class:`hierfast.stats.Accumulator` does).
 - ``sync(group=None)``: sum the state over the ranks of ``torch.distributed`` (one
   ``all_reduce``; :meth:`hierfast.stats.Accumulator.sync` does it); no-op when not
-  distributed.
+  distributed. Every rank calls it, also one whose batches were all too small for this
+  statistic: such a rank must take part in the same collectives and add nothing (zeros).
+  ``analyze`` raises on every rank instead when no rank has data for a statistic.
 
 ``register_statistic(..., min_samples=k)``: the statistic needs at least ``k`` feature rows
 per batch (``"cka"``: 4, for the unbiased HSIC); ``k`` may also be a function of the

@@ -177,6 +177,78 @@ def test_duplicates_give_exact_zero(backend):
     assert bool((r1[[0, 1, 2]] > 0).all())
 
 
+def brute_force_by_index(x):
+    """As brute_force, but self is removed by index (not masked with inf): stays right when
+    distances overflow to inf in float64."""
+    x = x.double()
+    n = x.shape[0]
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    others = ~torch.eye(n, dtype=torch.bool)
+    j = torch.arange(n).expand(n, n)[others].view(n, n - 1)  # ascending per row
+    v, o = torch.sort(d2[others].view(n, n - 1), dim=1, stable=True)
+    i = j.gather(1, o)
+    return v[:, 0], v[:, 1], i[:, 0], i[:, 1]
+
+
+# (dtype, scale): squared distances of small integers times scale underflow into (or below)
+# the subnormal range of the screen's precision
+TINY = [(torch.float32, 2.0 ** -77), (torch.float32, 2.0 ** -79), (torch.float64, 2.0 ** -539),
+        (torch.float64, 2.0 ** -541)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,scale", TINY)
+@pytest.mark.parametrize("screen", ["native", "auto"])
+def test_subnormal_distances_are_exact(backend, dtype, scale, screen):
+    # a purely relative screen bound once certified a wrong neighbour here (row 4 of the first
+    # case: idx2 1 at 16 units instead of 2 at 4 units)
+    g = torch.Generator().manual_seed(11)
+    cases = [torch.tensor([[-2.], [-6.], [-12.], [-11.], [-10.], [-6.]], dtype=dtype)]
+    cases += [torch.randint(-30, 30, (n, d), generator=g).to(dtype) for n, d in [(7, 1), (23, 2), (40, 3), (64, 1)]]
+    for base in cases:
+        x = base * scale
+        out = knn2(x, backend=backend, screen=screen)
+        for a, b in zip(out, brute_force(x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,scale", TINY)
+def test_certify_with_underflowing_screen(dtype, scale):
+    """certify() (the cuda/triton path) on a screen that underflows: the expansion
+    |a|^2 + |b|^2 - 2 a.b in the input precision, as the GPU kernels compute it."""
+    from hierfast.ops.knn2 import KEEP, certify
+
+    g = torch.Generator().manual_seed(12)
+    for n, d in [(6, 1), (30, 1), (40, 2), (64, 3)]:
+        x = torch.randint(-30, 30, (n, d), generator=g).to(dtype) * scale
+        xc = x - x.double().mean(0).to(dtype)
+        nq = (xc * xc).sum(1)
+        d2 = (nq[:, None] + nq[None, :] - 2 * (xc @ xc.T)).clamp(min=0).double().fill_diagonal_(float("inf"))
+        order = torch.sort(torch.arange(n).expand(n, n), dim=1).indices  # ties: lower index first
+        cand_d, cand_j = torch.sort(d2.gather(1, order), dim=1, stable=True)
+        cand_d, cand_j = cand_d[:, :KEEP].contiguous(), order.gather(1, cand_j)[:, :KEEP].contiguous()
+        cand_j = cand_j.masked_fill(torch.isinf(cand_d), -1)
+        *out, _ = certify(x, xc.double().square().sum(1), cand_d, cand_j)
+        for a, b in zip(out, brute_force(x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_distances_never_return_self(backend):
+    # float64 squared distances overflow to inf: the reference once masked self with inf and
+    # returned the row as its own two neighbours
+    g = torch.Generator().manual_seed(13)
+    cases = [torch.tensor([[0.], [1e200], [3e200], [-2e200]], dtype=torch.float64),
+             torch.randn(20, 2, generator=g, dtype=torch.float64) * 1e160,
+             torch.randn(9, 1, generator=g, dtype=torch.float64) * 1e154]
+    for x in cases:
+        out = knn2(x, backend=backend)
+        rows = torch.arange(x.shape[0])
+        assert not bool((out[2] == rows).any() or (out[3] == rows).any() or (out[2] == out[3]).any())
+        for a, b in zip(out, brute_force_by_index(x)):
+            assert torch.equal(a, b)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="n >= 3"):
         knn2(torch.randn(2, 4))

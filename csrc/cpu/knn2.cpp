@@ -229,11 +229,15 @@ std::vector<Keep<T, K>> screen_pairs(int64_t n, const T* norms, TileFn tile_fn) 
 // precision (unit roundoff u): centring rounding <= 5u(|a|^2+|b|^2); rounded norms
 // <= u(|a|^2+|b|^2); the length-d dot product <= 1.01 d u |a||b| (any summation order),
 // doubled; the final two additions <= 4u(|a|^2+|b|^2). Sum <= (1.01 d + 10) u (|a|^2+|b|^2);
-// we use (2 d + 32) u (|a|^2 + max|b|^2), about twice that, as the margin.
+// we use (2 d + 32) u (|a|^2 + max|b|^2), about twice that, as the margin. The relative
+// bound fails where products and sums underflow: each of the ~4 d + 8 operations then errs
+// by up to the smallest normal (subnormal spacing, or a whole flushed value where a screen
+// flushes denormals, as vdpbf16ps does), hence the absolute term (4 d + 16) * min normal.
 template <typename T>
 double screen_error_bound(int64_t d, double norm_a, double max_norm) {
   const double u = std::numeric_limits<T>::epsilon() / 2;
-  return (2.0 * (double)d + 32.0) * u * (norm_a + max_norm);
+  const double tiny = (double)std::numeric_limits<T>::min();
+  return (2.0 * (double)d + 32.0) * u * (norm_a + max_norm) + (4.0 * (double)d + 16.0) * tiny;
 }
 
 template <typename T>

@@ -47,13 +47,24 @@ def knn2_reference(x: torch.Tensor, *, rows: torch.Tensor | None = None, chunk: 
         qi = queries[s:s + chunk]
         d2 = (x64[qi][:, None, :] - x64[None, :, :]).square_().sum(dim=2)
         local = torch.arange(qi.numel(), device=x.device)
-        d2[local, qi] = float("inf")
-        for k in range(2):  # argmin returns the first (lowest-index) minimum
-            j = d2.argmin(dim=1)
+        # excluded by index, not by an inf value: overflowed distances are inf too and would
+        # tie with the masked self (the row came back as its own neighbour)
+        taken = torch.zeros(d2.shape, dtype=torch.bool, device=x.device)
+        taken[local, qi] = True
+        for k in range(2):
+            j = _first_min(d2, taken)
             out[k][s:s + chunk] = d2[local, j]
             out[2 + k][s:s + chunk] = j
-            d2[local, j] = float("inf")
+            taken[local, j] = True
     return tuple(out)
+
+
+def _first_min(d2: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """Per row, the lowest column index of the smallest ``d2`` among columns not ``taken``
+    (every row has one: n >= 3)."""
+    d = d2.masked_fill(taken, float("inf"))
+    hit = (d == d.min(dim=1, keepdim=True).values) & ~taken
+    return hit.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximal index
 
 
 def _centred(x: torch.Tensor) -> torch.Tensor:
@@ -67,9 +78,12 @@ def screen_error_bound(norms: torch.Tensor, d: int, dtype: torch.dtype) -> torch
     For centred rows a, b in a precision with unit roundoff u: centring <= 5u(|a|^2+|b|^2),
     rounded norms <= u(|a|^2+|b|^2), the length-d dot product (any order) <= 1.01 d u |a||b|
     (doubled), the final additions <= 4u(|a|^2+|b|^2); a direct sum of squared differences
-    stays below the same total. We use about twice it: (2d + 32) u (|a|^2 + max |b|^2)."""
-    u = torch.finfo(dtype).eps / 2
-    return (2.0 * d + 32.0) * u * (norms + norms.max())
+    stays below the same total. We use about twice it: (2d + 32) u (|a|^2 + max |b|^2).
+    Where products and sums underflow, each of the ~4d + 8 operations errs by up to the
+    smallest normal (subnormal spacing, or a whole flushed value on a GPU that flushes
+    denormals): hence the absolute term (4d + 16) * min normal (csrc/cpu/knn2.cpp alike)."""
+    fi = torch.finfo(dtype)
+    return (2.0 * d + 32.0) * (fi.eps / 2) * (norms + norms.max()) + (4.0 * d + 16.0) * fi.tiny
 
 
 def certify(x: torch.Tensor, norms: torch.Tensor, cand_d: torch.Tensor, cand_j: torch.Tensor):

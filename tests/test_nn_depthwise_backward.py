@@ -149,3 +149,40 @@ def test_bfloat16_gradients_within_twice_torchs_error(shape, act, monkeypatch):
         scale = r.abs().max().item()
         err, torch_err = (o.double() - r).abs().max().item(), (t.grad.double() - r).abs().max().item()
         assert err <= 2 * torch_err + 1e-3 * scale, (err, torch_err)
+
+
+def _nonfinite_probes(shape, value):
+    """x of ``shape`` with one ``value`` (NaN or inf) per channel, channel c at the c-th input
+    position (row-major, wrapping): with one filter per channel, every position class
+    (interior, next to the halo, stride gaps, rows/columns no output reads) is hit once per
+    ``C`` positions. Returns a list of (x, w, b, kw), one per batch of positions."""
+    x, w, b, kw = _data(shape, torch.float32)
+    n, c, h, wd = x.shape
+    out = []
+    for first in range(0, h * wd, c):
+        xp = x.clone()
+        for ch in range(c):
+            p = (first + ch) % (h * wd)
+            xp[ch % n, ch, p // wd, p % wd] = value
+        out.append((xp, w, b, kw))
+    return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("act", [("relu6", {}), ("gelu", {}), ("identity", {})], ids=lambda a: a[0])
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"s{i}" for i in range(len(DW_SHAPES))])
+def test_nonfinite_inputs_reach_exactly_the_taps_that_read_them(shape, act, value):
+    # the gather once added x * 0 over the zero halo and stride gaps: a NaN that no output
+    # reads made a whole filter's weight gradient NaN (torch's: finite)
+    name, akw = act
+    for x, w, b, kw in _nonfinite_probes(shape, value):
+        gy = torch.randn(F.conv2d(x, w, b, **kw).shape,
+                         generator=torch.Generator().manual_seed(4)).to(memory_format=torch.channels_last)
+        ours = _grads(x, w, b, kw, name, akw, gy)
+        ref = _grads(x, w, b, kw, name, akw, gy, dtype=torch.float64)
+        for o, r, what in zip(ours, ref, ("grad_x", "grad_w", "grad_b")):
+            assert torch.equal(torch.isnan(o), torch.isnan(r)), what
+            assert torch.equal(torch.isinf(o), torch.isinf(r)), what
+            fin = torch.isfinite(r)
+            scale = max(1.0, r[fin].abs().max().item()) if fin.any() else 1.0
+            torch.testing.assert_close(o.double()[fin], r[fin], atol=2e-5 * scale, rtol=0)

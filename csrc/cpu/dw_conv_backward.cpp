@@ -59,9 +59,31 @@ HIERFAST_SIMD_CLONES void fill_grad_z(const S* __restrict__ gy, const S* __restr
   }
 }
 
+// torch's weight gradient also multiplies grad_z by the zero padding: a non-finite grad_z
+// makes NaN every tap through which its output reads padding. The gather never visits the
+// padding, so those products are added here (only for tasks holding a non-finite grad_z).
+template <int TAPS>
+void add_padding_taps(const float* __restrict__ g, float* __restrict__ gw, const Geometry& q, int64_t r0,
+                      int64_t col0, int64_t GW) {
+  for (int64_t oh = 0; oh < q.OH; ++oh)
+    for (int64_t ow = 0; ow < q.OW; ++ow) {
+      const float* gz = g + ((oh * q.sh - r0) * GW + ow * q.sw - col0) * kLanes;
+      for (int t = 0; t < TAPS; ++t) {
+        const int64_t ih = oh * q.sh - q.ph + (t / q.KW) * q.dh, iw = ow * q.sw - q.pw + (t % q.KW) * q.dw;
+        if (ih >= 0 && ih < q.H && iw >= 0 && iw < q.W) continue;
+        for (int l = 0; l < kLanes; ++l) gw[t * kLanes + l] += gz[l] * 0.f;
+      }
+    }
+}
+
 // The gather pass for one (image, channel block): grad_x (when want_x) and the weight sums.
-// off[t] = element offset of tap t in g relative to the pixel's own position.
-template <int TAPS, typename S>
+// off[t] = element offset of tap t in g relative to the pixel's own position. g is zero
+// where no output sits, so a tap there adds x * 0: exact for finite x, but NaN for a NaN or
+// inf x that no output reads (torch's backward gives such taps nothing). A non-finite sum
+// reveals such an x for free; that task then reruns with FINITE_ONLY (non-finite x taken as
+// 0) and add_nonfinite_x adds them through real taps only. (Any order of a sum holding NaN
+// or inf gives the same NaN or inf.)
+template <int TAPS, typename S, bool FINITE_ONLY>
 HIERFAST_SIMD_CLONES void gather(const S* __restrict__ x, const float* __restrict__ g,
                                  const float* __restrict__ wv, S* __restrict__ gx, float* __restrict__ gw,
                                  const int64_t* __restrict__ off, const Geometry& q, int64_t n, int64_t c0,
@@ -78,7 +100,10 @@ HIERFAST_SIMD_CLONES void gather(const S* __restrict__ x, const float* __restric
       float sx[kLanes] = {};
       float xi[kLanes];
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) xi[l] = ldf(x[i + l]);
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = ldf(x[i + l]);
+        xi[l] = FINITE_ONLY && !(v - v == 0.f) ? 0.f : v;  // inf - inf and NaN - NaN are NaN
+      }
 #pragma GCC unroll 25
       for (int t = 0; t < TAPS; ++t) {
         const float* gt = gp + off[t];
@@ -97,6 +122,44 @@ HIERFAST_SIMD_CLONES void gather(const S* __restrict__ x, const float* __restric
   }
   for (int t = 0; t < TAPS; ++t)
     for (int l = 0; l < kLanes; ++l) gw[t * kLanes + l] = acc[t][l];
+}
+
+inline bool all_finite(const float* v, int64_t len) {
+  for (int64_t i = 0; i < len; ++i)
+    if (!(v[i] - v[i] == 0.f)) return false;
+  return true;
+}
+
+// Bit k of the result: filter tap k (along one axis) of input index i lands on a real output
+// (o = (i + p - k*d) / s with no remainder, 0 <= o < O), not on the halo or a stride gap.
+inline unsigned taps_read(int64_t i, int64_t p, int64_t d, int64_t s, int64_t O, int64_t K) {
+  unsigned m = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t r = i + p - k * d;
+    if (r >= 0 && r % s == 0 && r / s < O) m |= 1u << k;
+  }
+  return m;
+}
+
+// The non-finite x of one (image, channel block), which gather took as 0, times grad_z
+// through the taps whose output exists (rare: only tasks holding a NaN or inf x).
+template <int TAPS, typename S>
+void add_nonfinite_x(const S* x, const float* g, float* gw, const int64_t* off, const Geometry& q, int64_t n,
+                     int64_t c0, int64_t GW, int64_t base_r, int64_t base_c) {
+  for (int64_t ih = 0; ih < q.H; ++ih) {
+    const unsigned rows = taps_read(ih, q.ph, q.dh, q.sh, q.OH, q.KH);
+    for (int64_t iw = 0; iw < q.W; ++iw) {
+      const unsigned cols = taps_read(iw, q.pw, q.dw, q.sw, q.OW, q.KW);
+      const int64_t i = ((n * q.H + ih) * q.W + iw) * q.C + c0;
+      const float* gp = g + ((ih + base_r) * GW + base_c + iw) * kLanes;
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = ldf(x[i + l]);
+        if (v - v == 0.f) continue;
+        for (int t = 0; t < TAPS; ++t)
+          if ((rows >> (t / q.KW) & 1u) && (cols >> (t % q.KW) & 1u)) gw[t * kLanes + l] += v * gp[off[t] + l];
+      }
+    }
+  }
 }
 
 template <int A, int TAPS, typename S>
@@ -129,8 +192,14 @@ void run(const S* gy, const S* saved, const S* x, const S* w, S* gx, double* gw_
       float* part = parts.data() + k * (TAPS + 1) * kLanes;
       fill_grad_z<A, S>(gy, saved, g.data(), part + TAPS * kLanes, q, n, c0, r0, col0, GW, alpha);
       // pixel (ih, iw) sits at buffer row ih + ph - r0, column iw + pw - col0
-      gather<TAPS, S>(x, g.data(), wv.data() + b * TAPS * kLanes, gx, part, off.data(), q, n, c0, GW, q.ph - r0,
-                   q.pw - col0, want_x);
+      const int64_t br = q.ph - r0, bc = q.pw - col0;
+      const float* wb = wv.data() + b * TAPS * kLanes;
+      gather<TAPS, S, false>(x, g.data(), wb, gx, part, off.data(), q, n, c0, GW, br, bc, want_x);
+      if (!all_finite(part, TAPS * kLanes)) {  // a NaN/inf x or grad_z (or an overflow): rare
+        gather<TAPS, S, true>(x, g.data(), wb, gx, part, off.data(), q, n, c0, GW, br, bc, want_x);
+        add_nonfinite_x<TAPS, S>(x, g.data(), part, off.data(), q, n, c0, GW, br, bc);
+      }
+      if (!all_finite(part + TAPS * kLanes, kLanes)) add_padding_taps<TAPS>(g.data(), part, q, r0, col0, GW);
     }
   }
 #pragma omp parallel for schedule(static)

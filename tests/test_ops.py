@@ -188,3 +188,45 @@ def test_gram_epilogue_under_compile():
     ref = f(g)
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])
+
+
+def test_nhwc_channel_sums_are_deterministic():
+    # per-thread sums were added under `omp critical` in arrival order: identical calls gave
+    # different bits, even under torch.use_deterministic_algorithms(True)
+    from hierfast.ops import activations as A
+    from hierfast.ops import conv_act as ca
+    from hierfast.ops._launch import cpu_kernels
+    from hierfast import _dtypes
+
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("hierfast._C is not built")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(8)
+        y = (torch.randn(8, 64, 16, 16, generator=g) + 0.3).contiguous(memory_format=torch.channels_last)
+        gy = torch.randn(y.shape, generator=g).contiguous(memory_format=torch.channels_last)
+        act = A.resolve("gelu")
+        stats, bias, fwd = set(), set(), set()
+        for _ in range(200):  # the old arrival order varied in ~1 call of 100
+            st = torch.full((64, 3), 12345.678901, dtype=torch.float64)
+            ca._cpu_stats(y, st)
+            stats.add(st.numpy().tobytes())
+            bias.add(ca._grad_cpu(gy, y, act, True)[1].numpy().tobytes())
+            st2 = torch.full((64, 3), -7.25, dtype=torch.float64)
+            out = torch.empty_like(y)
+            cpu_kernels().conv_act_forward(y.data_ptr(), out.data_ptr(), _dtypes.code(y.dtype), 8, 64, 256, True, 0,
+                                           act.code, act.alpha, st2.data_ptr())
+            fwd.add(st2.numpy().tobytes())
+        assert len(stats) == len(bias) == len(fwd) == 1
+        # and right: against float64 sums computed independently
+        yd = y.double()
+        ref = torch.stack([yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3)), (yd > 0).sum((0, 2, 3)).double()], 1)
+        torch.testing.assert_close(st - 12345.678901, ref, atol=1e-6, rtol=1e-9)
+        ref_b = (gy.double() * A.derivative(y.double(), act)).sum((0, 2, 3))
+        torch.testing.assert_close(ca._grad_cpu(gy, y, act, True)[1], ref_b, atol=1e-4, rtol=1e-5)
+        za = A.apply(y.double(), act)
+        ref_f = torch.stack([za.sum((0, 2, 3)), (za * za).sum((0, 2, 3)), (za > 0).sum((0, 2, 3)).double()], 1)
+        torch.testing.assert_close(st2 + 7.25, ref_f, atol=1e-3, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

@@ -202,12 +202,33 @@ HIERFAST_SIMD_CLONES void stats_plane(const typename IO<D>::S* __restrict__ y, i
   }
 }
 
-// One thread's NHWC sums ([0, C) sums, [C, 2C) squares, [2C, 3C) positive counts) into the
-// (C x 3) statistics, one thread at a time.
-inline void add_channel_sums(double* stats, const std::vector<double>& acc, int64_t C) {
-#pragma omp critical
+// Per-thread float64 partial sums of an NHWC pass, one slot of `width` values per thread of
+// the team, added in thread order after the parallel region: bit-identical results for a
+// fixed thread count (a critical section added them in arrival order, which varied).
+class ThreadPartials {
+ public:
+  ThreadPartials(int64_t width, bool par)
+      : width_((width + 7) / 8 * 8),  // whole cache lines: no false sharing between slots
+        slots_(par ? omp_get_max_threads() : 1),
+        data_((size_t)slots_ * width_, 0.0) {}
+  double* mine() { return data_.data() + (size_t)omp_get_thread_num() * width_; }
+  double sum(int64_t i) const {  // slot order, whatever order the threads finished in
+    double s = 0.0;
+    for (int t = 0; t < slots_; ++t) s += data_[(size_t)t * width_ + i];
+    return s;
+  }
+
+ private:
+  int64_t width_;
+  int slots_;
+  std::vector<double> data_;
+};
+
+// NHWC statistics partials ([0, C) sums, [C, 2C) squares, [2C, 3C) positive counts) into the
+// (C x 3) statistics.
+inline void add_channel_sums(double* stats, const ThreadPartials& acc, int64_t C) {
   for (int64_t c = 0; c < C; ++c)
-    for (int k = 0; k < 3; ++k) stats[3 * c + k] += acc[k * C + c];
+    for (int k = 0; k < 3; ++k) stats[3 * c + k] += acc.sum(k * C + c);
 }
 
 // Below this many elements a pass runs on one thread: starting an OpenMP team costs ~2 us
@@ -249,10 +270,11 @@ void forward_impl(void* zv, void* yv, int64_t N, int64_t C, int64_t HW, bool nhw
     return;
   }
   const int64_t rows = N * HW, step = rows_per_task(C);
+  // per thread: sums, sums of squares and positive counts, [0, C), [C, 2C), [2C, 3C)
+  ThreadPartials parts(stats ? 3 * C : 0, par);
 #pragma omp parallel if (par)
   {
-    // this thread's sums, sums of squares and positive counts: [0, C), [C, 2C), [2C, 3C)
-    std::vector<double> acc(stats ? 3 * C : 0, 0.0);
+    double* acc = parts.mine();
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
       const int64_t r1 = std::min(rows, r0 + step);
@@ -262,10 +284,10 @@ void forward_impl(void* zv, void* yv, int64_t N, int64_t C, int64_t HW, bool nhw
         fwd_run<D, A>(z + r0 * C, y + r0 * C, (r1 - r0) * C, (Cc)0, nullptr, alpha);
       }
       if (stats)
-        for (int64_t r = r0; r < r1; ++r) stats_row<D>(y + r * C, C, &acc[0], &acc[C], &acc[2 * C]);
+        for (int64_t r = r0; r < r1; ++r) stats_row<D>(y + r * C, C, acc, acc + C, acc + 2 * C);
     }
-    if (stats) add_channel_sums(stats, acc, C);
   }
+  if (stats) add_channel_sums(stats, parts, C);
 }
 
 // Statistics of an existing y, read only (y from oneDNN's fused convolution: one read
@@ -282,16 +304,17 @@ void stats_impl(const void* yv, int64_t N, int64_t C, int64_t HW, bool nhwc, dou
     return;
   }
   const int64_t rows = N * HW, step = rows_per_task(C);
+  ThreadPartials parts(3 * C, par);
 #pragma omp parallel if (par)
   {
-    std::vector<double> acc(3 * C, 0.0);
+    double* acc = parts.mine();
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
       const int64_t r1 = std::min(rows, r0 + step);
-      for (int64_t r = r0; r < r1; ++r) stats_row<D>(y + r * C, C, &acc[0], &acc[C], &acc[2 * C]);
+      for (int64_t r = r0; r < r1; ++r) stats_row<D>(y + r * C, C, acc, acc + C, acc + 2 * C);
     }
-    add_channel_sums(stats, acc, C);
   }
+  add_channel_sums(stats, parts, C);
 }
 
 template <DType D, int A>
@@ -323,9 +346,10 @@ void backward_impl(const void* gv, const void* sv, void* gzv, int64_t N, int64_t
     return;
   }
   const int64_t rows = N * HW, step = rows_per_task(C);
+  ThreadPartials parts(gbias ? C : 0, par);
 #pragma omp parallel if (par)
   {
-    std::vector<double> acc(gbias ? C : 0, 0.0);
+    double* acc = parts.mine();
     // per-task partial sums in the compute type (<= `step` rows), then float64
     std::vector<typename IO<D>::C> part(gbias ? C : 0);
 #pragma omp for schedule(static)
@@ -339,11 +363,9 @@ void backward_impl(const void* gv, const void* sv, void* gzv, int64_t N, int64_t
         bwd_run<D, A>(g + r0 * C, s + r0 * C, gz + r0 * C, (r1 - r0) * C, alpha);
       }
     }
-    if (gbias) {
-#pragma omp critical
-      for (int64_t i = 0; i < C; ++i) gbias[i] += acc[i];
-    }
   }
+  if (gbias)
+    for (int64_t i = 0; i < C; ++i) gbias[i] += parts.sum(i);
 }
 
 // Runtime activation code -> template instance.

@@ -102,3 +102,28 @@ def test_selection_cache_respects_data_dependent_limits():
     plain.register("triton", devices=("cuda",), dtypes=(torch.float32,), reasons=lambda t: ["never"])(lambda t: "t")
     assert plain(torch.zeros(3)) == "cpu"
     assert [i.backend for i in plain._cache.values()] == ["cpu"]   # triton's limits are not consulted on CPU
+
+
+def test_env_forced_triton_conv_backward(monkeypatch):
+    # HIERFAST_BACKEND=triton once broke conv2d_act's backward ("conv2d_act_grad: no 'triton'
+    # implementation exists"): only backend="triton" was mapped to the automatic choice
+    import hierfast.functional as HF
+    from hierfast.backends import backend_status
+
+    if not backend_status("triton")["available"]:
+        pytest.skip("triton cannot run here (CPU tensors need TRITON_INTERPRET=1)")
+    g = torch.Generator().manual_seed(21)
+    x0, w0 = torch.randn(1, 2, 5, 5, generator=g), torch.randn(3, 2, 3, 3, generator=g)
+    gy = torch.randn(1, 3, 5, 5, generator=g)
+
+    def grads(**kw):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        HF.conv2d_act(x, w, None, padding=1, activation="gelu", **kw).backward(gy)
+        return x.grad, w.grad
+
+    ref = grads(backend="reference")
+    monkeypatch.setenv("HIERFAST_BACKEND", "triton")
+    got = grads()
+    for a, b in zip(got, ref):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -37,7 +37,7 @@ import torch
 import torch.utils.weak
 
 from .. import _dtypes
-from ..backends import Op
+from ..backends import Op, forced_backend
 from . import activations as A
 from ._launch import cpu_kernels, cuda_kernels, cuda_stream, on_device
 
@@ -510,7 +510,12 @@ def backward(gy, x, w, saved, p: ConvArgs, act: A.Activation, mask, *, backend=N
     want_x, want_w, want_b = mask
     if saved is None:
         saved = gy  # the identity: its derivative (1) reads nothing of it
-    impl = ACT_GRAD.select((gy, saved), backend if backend != "triton" else None)
+    # conv2d_act_grad has no Triton implementation: a triton forced by backend= or by
+    # HIERFAST_BACKEND (which select() would read again) gets the automatic choice
+    if forced_backend(backend) == "triton":
+        impl = ACT_GRAD._select((gy, saved), None)
+    else:
+        impl = ACT_GRAD.select((gy, saved), backend)
     if impl.backend == "cpu" and _depthwise_fusable(gy, x, w, saved, p):
         # one pass instead of activation grad + conv backward (the weight and bias sums come free)
         gx, gw, gb = _depthwise_backward_cpu(gy, x, w, saved, p, act, want_x)

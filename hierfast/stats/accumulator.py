@@ -31,6 +31,19 @@ def reference_shift(x64: torch.Tensor) -> torch.Tensor:
     return torch.where(lo == hi, lo, x64.mean(0))
 
 
+def check_options(name: str, mine: dict, saved: dict | None, what: str, why: str = "") -> None:
+    """ValueError naming the options of ``saved`` (a state's, or another accumulator's) that
+    differ from ``mine``, the options of accumulator class ``name``; ``why`` says what would mix.
+    A state of an older version (``saved`` None) records none and is accepted."""
+    if saved is None:
+        return
+    diff = {k: (saved[k], v) for k, v in mine.items() if k in saved and saved[k] != v}
+    if diff:
+        was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
+        now = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+        raise ValueError(f"{what} {name}({was}) but this is {name}({now}){why}; construct it with {was}")
+
+
 class Accumulator:
     """Subclasses declare ``_sum_states`` (names of tensor attributes that add up) and
     ``_meta_keys`` (layout attributes that must agree before states can be added) and,
@@ -67,17 +80,7 @@ class Accumulator:
         return {}
 
     def _check_options(self, saved: dict | None, what: str) -> None:
-        """ValueError naming the options of ``saved`` that differ from this accumulator's; a
-        state of an older version (``saved`` None) records none and is accepted."""
-        if saved is None:
-            return
-        mine = self._options()
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if k in saved and saved[k] != v}
-        if diff:
-            name = type(self).__name__
-            was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
-            now = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
-            raise ValueError(f"{what} {name}({was}) but this is {name}({now}); construct it with {was}")
+        check_options(type(self).__name__, self._options(), saved, what)
 
     # -- combination ---------------------------------------------------------
     def _meta(self) -> dict:

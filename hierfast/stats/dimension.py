@@ -27,7 +27,7 @@ import torch
 from ._grams import centred_float64
 from ._identity import uniform01
 from ._normalize import ConstantLayerWarning
-from .accumulator import reference_shift
+from .accumulator import check_options, reference_shift
 from ..ops.knn2 import knn2
 from ._validate import as_features, as_layers, layer_label
 
@@ -260,15 +260,7 @@ class DimensionAccumulator:
         return {"reservoir": self.reservoir, "max_dim": self.max_dim, "seed": self.seed}
 
     def _check_options(self, saved: dict | None, what: str) -> None:
-        """ValueError naming the options that differ; a state of an older version records none."""
-        if saved is None:
-            return
-        diff = {k: (saved[k], v) for k, v in self._options().items() if k in saved and saved[k] != v}
-        if diff:
-            was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
-            now = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
-            raise ValueError(f"{what} DimensionAccumulator({was}) but this is DimensionAccumulator({now}); "
-                             f"construct it with {was}")
+        check_options("DimensionAccumulator", self._options(), saved, what)
 
     def state_dict(self) -> dict:
         return {"names": self.names, "seen": self.seen, "samples": [s.clone() for s in self.samples],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._identity import check_index, hash32, uniform01
+from .accumulator import check_options
 from ._reduce import Reducer
 from ._ridge import RidgePath, gcv_score, loo_mse, resolve_alphas
 from ._validate import as_features, as_layers, layer_label
@@ -298,15 +299,8 @@ class ProbeAccumulator:
                 "max_dim": self.reducer.max_dim, "max_test": self.max_test, "n_classes": self.n_classes}
 
     def _check_options(self, saved: dict | None, what: str) -> None:
-        """ValueError naming the options that differ; a state of an older version records none."""
-        if saved is None:
-            return
-        diff = {k: (saved[k], v) for k, v in self._options().items() if k in saved and saved[k] != v}
-        if diff:
-            was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
-            now = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
-            raise ValueError(f"{what} ProbeAccumulator({was}) but this is ProbeAccumulator({now}): their held-out "
-                             f"splits, control labels or projections differ; construct it with {was}")
+        check_options("ProbeAccumulator", self._options(), saved, what,
+                      ": their held-out splits, control labels or projections differ")
 
     def _like(self) -> "ProbeAccumulator":
         """An empty accumulator with this one's options."""

@@ -421,6 +421,26 @@ def test_corrupt_checkpoint_and_stale_temporary_files(tmp_path):
     assert not any(p.exists() for p in stale) and other.exists()
 
 
+def _lazy_net():
+    return nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_lazy_model_analyzes_and_resumes(tmp_path):
+    data = [torch.randn(16, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    torch.manual_seed(1)
+    net = _lazy_net()
+    r = analyze(net, data, progress=False)  # used to fail: the fingerprint read an uninitialized shape
+    # reference: the same model, initialized by that first run
+    assert r.cka.shape == (2, 2) and torch.equal(r.cka, analyze(net, data, progress=False).cka)
+    ckpt = tmp_path / "lazy.pt"
+    torch.manual_seed(1)
+    analyze(_lazy_net(), data, checkpoint=ckpt, max_batches=2, progress=False)
+    torch.manual_seed(1)  # the same weights again: the first forward of the resume initializes them
+    resumed = analyze(_lazy_net(), data, checkpoint=ckpt, progress=False)
+    torch.testing.assert_close(resumed.cka, r.cka, atol=1e-7, rtol=0)
+    assert resumed.n_samples == 64
+
+
 # -- distributed failures: every rank raises at once, checkpoints hold each rank's own shard -----
 def _small_stats():
     from hierfast.transforms import GaussianNoise
@@ -480,6 +500,15 @@ def _failure_worker(rank, world, port, tmp):
             analyze(DieAt(make_net(), at=1 if rank == 1 else -1), make_data(3), progress=False)
         except RuntimeError as e:
             out["failed"] = (str(e), time.time() - t0)
+        # 5. rank 1's checkpoint is corrupt: a setup error; rank 0 raises too instead of waiting
+        if rank == 1:
+            with open(f"{tmp}/bad.rank1.pt", "wb") as f:
+                f.write(b"PK\x03\x04 truncated")
+        t0 = time.time()
+        try:
+            analyze(make_net(), make_data(3), checkpoint=f"{tmp}/bad.pt", progress=False)
+        except (ValueError, RuntimeError) as e:
+            out["setup"] = (str(e), time.time() - t0)
     finally:
         torch.save(out, f"{tmp}/out{rank}.pt")
         dist.destroy_process_group()
@@ -517,3 +546,6 @@ def test_two_gloo_ranks_failures(tmp_path):
         # 4: the failing rank raises its own error, the other says which rank failed
         msg, took = o["failed"]
         assert ("simulated failure" if r == 1 else "rank(s) [1] failed during analyze") in msg and took < 10
+        # 5: the corrupt file's rank names it, the other says which rank failed (was: the timeout)
+        msg, took = o["setup"]
+        assert ("cannot be read" if r == 1 else "rank(s) [1] failed during analyze") in msg and took < 10

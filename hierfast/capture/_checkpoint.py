@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch.nn.parameter import UninitializedTensorMixin
 
 FORMAT = "hierfast.analyze.checkpoint/1"
 
@@ -82,8 +83,14 @@ def describe(v, depth: int = 0):
 
 def layer_shapes(cap) -> dict:
     """``{layer: [shape of each parameter and buffer]}`` of a capture's selected modules: the
-    same names in a model of other widths give other shapes."""
-    return {name: [list(t.shape) for t in mod.state_dict().values()] for name, mod in cap.modules}
+    same names in a model of other widths give other shapes. A lazy module's parameters have
+    no shape before the first forward: recorded as ``"uninitialized"`` (a fresh lazy model of
+    the resumed call records the same)."""
+    return {name: [_shape(t) for t in mod.state_dict().values()] for name, mod in cap.modules}
+
+
+def _shape(t):
+    return "uninitialized" if isinstance(t, UninitializedTensorMixin) else list(t.shape)
 
 
 def fingerprint(specs, reduce, output_fn, cap_a, cap_b) -> dict:

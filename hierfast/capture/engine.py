@@ -220,25 +220,14 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
 
     run = _Run(model, compare_to, cap_a, cap_b, dev_a, dev_b, token_like, [n for n, _ in specs])
     mins = {name: min_samples(name, opts) for name, opts in specs}
-    state = _checkpoint.load(ckpt_path) if ckpt_path is not None else None
-    config = _checkpoint.fingerprint(specs, reduce, output_fn, cap_a, cap_b)
-    start = 0
-    objs: dict | None = None
-    if state is not None:
-        if [n for n, _ in specs] != state["stat_names"]:
-            raise ValueError(f"checkpoint={str(ckpt_path)!r} holds statistics {state['stat_names']}, this call asks "
-                             f"for {[n for n, _ in specs]}; delete the file or use another path")
-        _checkpoint.check_config(ckpt_path, state.get("config"), config)
-        start = state["next_batch"]
-        if max_batches is not None and max_batches < start:
-            raise ValueError(f"max_batches={max_batches} but checkpoint={str(ckpt_path)!r} already holds {start} "
-                             f"batches, and a checkpoint cannot be rewound; pass max_batches >= {start} (or None), "
-                             "or delete the checkpoint to recompute")
-        run.restore(state)
-        run.ckpt = ckpt_path
-        objs = _make_stats(specs, run.layers_a, run.layers_b)
-        for name, s in objs.items():
-            s.load_state_dict(state["states"][name])
+    try:
+        start, objs, config = _setup_checkpoint(ckpt_path, specs, run, max_batches, reduce, output_fn, cap_a, cap_b)
+    except Exception as e:
+        # a setup error on one rank alone (corrupt file, other configuration) would leave the
+        # others waiting in the final agreement until the process group's timeout
+        if dist is not None:
+            _report_failure(dist, group, e)
+        raise
 
     def save_ckpt():
         _checkpoint.save(ckpt_path, {"next_batch": run.next_batch, "stat_names": [n for n, _ in specs], "config": config,
@@ -353,6 +342,32 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
                    skipped_small=run.small, values=values,
                    config={"reduce": reduce if isinstance(reduce, str) else repr(reduce),
                            "stats": [n for n, _ in specs], "world_size": dist.get_world_size(group) if dist else 1})
+
+
+def _setup_checkpoint(ckpt_path, specs, run, max_batches, reduce, output_fn, cap_a, cap_b):
+    """``(start, objs, config)`` of a resume from ``ckpt_path``, or ``(0, None, config)``; the
+    fingerprint only when checkpointing (a lazy model has no shapes yet: see layer_shapes)."""
+    if ckpt_path is None:
+        return 0, None, None
+    state = _checkpoint.load(ckpt_path)
+    config = _checkpoint.fingerprint(specs, reduce, output_fn, cap_a, cap_b)
+    if state is None:
+        return 0, None, config
+    if [n for n, _ in specs] != state["stat_names"]:
+        raise ValueError(f"checkpoint={str(ckpt_path)!r} holds statistics {state['stat_names']}, this call asks "
+                         f"for {[n for n, _ in specs]}; delete the file or use another path")
+    _checkpoint.check_config(ckpt_path, state.get("config"), config)
+    start = state["next_batch"]
+    if max_batches is not None and max_batches < start:
+        raise ValueError(f"max_batches={max_batches} but checkpoint={str(ckpt_path)!r} already holds {start} "
+                         f"batches, and a checkpoint cannot be rewound; pass max_batches >= {start} (or None), "
+                         "or delete the checkpoint to recompute")
+    run.restore(state)
+    run.ckpt = ckpt_path
+    objs = _make_stats(specs, run.layers_a, run.layers_b)
+    for name, s in objs.items():
+        s.load_state_dict(state["states"][name])
+    return start, objs, config
 
 
 def _save_modes(*models) -> list[tuple[nn.Module, bool]]:

@@ -258,6 +258,45 @@ def test_exact_merge_of_states_with_different_references(debiased):
     torch.testing.assert_close(single[0].clone().merge(single[1]).compute(), whole, atol=1e-10, rtol=0)
 
 
+
+def _z(xs):
+    """[x_1 .. x_L | ||x_1||^2 .. ||x_L||^2 | 1] of flattened float64 layers."""
+    xs = [x.reshape(x.shape[0], -1) for x in xs]
+    return torch.cat([*xs, torch.stack([(x * x).sum(1) for x in xs], 1), torch.ones(xs[0].shape[0], 1,
+                                                                                     dtype=torch.float64)], 1)
+
+
+def test_exact_reshift_equals_sums_about_the_new_reference(monkeypatch):
+    fa, fb = _layers(40)
+    acc = ExactCKA()
+    acc.update(fa, fb)
+    g = torch.Generator().manual_seed(3)
+    new_a = acc.shift_a + torch.randn(acc.shift_a.shape, generator=g, dtype=torch.float64)
+    new_b = acc.shift_b + torch.randn(acc.shift_b.shape, generator=g, dtype=torch.float64)
+
+    def about(xs, ref):  # each layer minus its slice of the concatenated reference
+        out, off = [], 0
+        for x in xs:
+            d = x[0].numel()
+            out.append(x.reshape(x.shape[0], -1) - ref[off:off + d])
+            off += d
+        return out
+
+    za, zb = _z(about(fa, new_a)), _z(about(fb, new_b))
+    other = acc.clone()
+    before = {k: getattr(other, k).clone() for k in ("moments", "own_a", "own_b", "shift_a", "shift_b")}
+    got = other._reshifted([new_a, new_b])
+    torch.testing.assert_close(got["moments"], za.T @ zb, atol=1e-8, rtol=1e-12)
+    own_a = torch.cat([(_z([x]).T @ _z([x])).reshape(-1) for x in about(fa, new_a)])
+    torch.testing.assert_close(got["own_a"], own_a, atol=1e-8, rtol=1e-12)
+    assert all(torch.equal(getattr(other, k), v) for k, v in before.items())  # read, not changed
+    # merge reads the other state's sums without copying it whole
+    mine = ExactCKA()
+    mine.update([x + 1.0 for x in fa], [x - 1.0 for x in fb])
+    monkeypatch.setattr(ExactCKA, "clone", lambda self: pytest.fail("merge cloned the other state"))
+    mine.merge(other)
+    assert all(torch.equal(getattr(other, k), v) for k, v in before.items())
+
 def test_exact_state_keeps_the_estimator():
     fa, fb = _layers(32)
     acc = ExactCKA(debiased=True)

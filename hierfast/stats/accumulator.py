@@ -48,7 +48,7 @@ class Accumulator:
     """Subclasses declare ``_sum_states`` (names of tensor attributes that add up) and
     ``_meta_keys`` (layout attributes that must agree before states can be added) and,
     for shifted sums, ``_shift_states`` (reference points: saved, never added) with
-    ``_reshift(shifts)``, which re-expresses the sums about new reference points."""
+    ``_reshifted(shifts)``, the sums re-expressed about new reference points."""
 
     _sum_states: tuple[str, ...] = ()
     _meta_keys: tuple[str, ...] = ()
@@ -106,12 +106,13 @@ class Accumulator:
             self.load_state_dict(other.state_dict())
             return self
         self._check_compatible(other)
-        if self._shift_states:  # other's sums about this state's reference points
-            other = other.clone()
-            other._reshift([getattr(self, k).to(getattr(other, k).device) for k in self._shift_states])
+        if self._shift_states:  # other's sums about this state's reference points (other unchanged)
+            sums = other._reshifted([getattr(self, k).to(getattr(other, k).device) for k in self._shift_states])
+        else:
+            sums = {k: getattr(other, k) for k in self._sum_states}
         for k in self._sum_states:
             mine = getattr(self, k)
-            mine.add_(getattr(other, k).to(mine.device))
+            mine.add_(sums[k].to(mine.device))
         return self
 
     # -- persistence ---------------------------------------------------------
@@ -150,7 +151,16 @@ class Accumulator:
             setattr(self, k, None if v is None else v.to(device=device, dtype=torch.float64).clone())
         return self
 
-    def _reshift(self, shifts: list[torch.Tensor]) -> None:  # pragma: no cover - overridden
+    def _reshift(self, shifts: list[torch.Tensor]) -> None:
+        """Re-express this state's sums about the reference points ``shifts``."""
+        for k, v in self._reshifted(shifts).items():
+            setattr(self, k, v)
+        for k, v in zip(self._shift_states, shifts):
+            setattr(self, k, v.to(self._device()).clone())
+
+    def _reshifted(self, shifts: list[torch.Tensor]) -> dict:  # pragma: no cover - overridden
+        """``{sum state: its value about shifts}`` without changing this state: ``merge`` reads
+        another accumulator's sums this way instead of copying it whole."""
         raise NotImplementedError
 
     def _device(self) -> torch.device:

@@ -161,14 +161,14 @@ class InvarianceAccumulator(Accumulator):
             self._cka.merge(other._cka)
         return self
 
-    def _reshift(self, shifts) -> None:
-        """Re-express Σ(f - s), Σ(f - s)² about the reference ``shifts[0]`` (f - s' = f - s - d)."""
-        new = shifts[0].to(self.s_f.device)
-        d = new - self.shift
+    def _reshifted(self, shifts) -> dict:
+        """Σ(f - s), Σ(f - s)² about the reference ``shifts[0]`` (f - s' = f - s - d)."""
+        d = shifts[0].to(self.s_f.device) - self.shift
         n = self.n
-        self.s_ff = self.s_ff - 2.0 * d * self.s_f + n * d * d
-        self.s_f = self.s_f - n * d
-        self.shift = new.clone()
+        out = {k: getattr(self, k) for k in self._sum_states}
+        out["s_ff"] = self.s_ff - 2.0 * d * self.s_f + n * d * d
+        out["s_f"] = self.s_f - n * d
+        return out
 
     def _options(self) -> dict:
         return {"per_unit": self._per_unit_opt, "cka": self._cka_opt}

@@ -268,3 +268,61 @@ def test_extreme_magnitudes_keep_cka_scale_invariant():
                     assert got == pytest.approx(ref, abs=1e-5), (form, debiased, x.dtype)
                 m = cka_matrix([x], [y], debiased=debiased)
                 assert m.item() == pytest.approx(ref, abs=1e-5)
+
+
+def _host_syncs(monkeypatch, fn) -> int:
+    """Calls of the tensor methods that wait for the device (tolist, item, bool, nonzero)."""
+    n = [0]
+    for name in ("tolist", "item", "__bool__", "nonzero"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            n[0] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return n[0]
+
+
+def test_centred_gram_path_syncs_once_per_layer(monkeypatch):
+    from hierfast.stats import MinibatchCKA
+
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for n_layers in (4, 8):
+        xs = [torch.randn(32, 64, generator=g) + 50 for _ in range(n_layers)]  # mean 50: the centred path
+        acc = MinibatchCKA()
+        acc.update(xs)
+        counts.append((_host_syncs(monkeypatch, lambda: acc.update(xs)),
+                       _host_syncs(monkeypatch, lambda: cka_matrix(xs))))
+    (mb4, cm4), (mb8, cm8) = counts
+    assert mb8 - mb4 == 4  # one per layer: finiteness, trace and mean @ mean together (was two)
+    assert cm8 - cm4 == 8  # the rejected raw Gram's test, then the centred one's (was 3 with the nonzero)
+
+
+def test_cka_matrix_forms_each_self_hsic_once(monkeypatch):
+    import hierfast.stats.cka as cka_mod
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(20, 6, generator=g).relu() for _ in range(3)]
+    ys = [torch.randn(20, 5, generator=g) for _ in range(2)]
+    calls, orig = [0], torch.einsum
+
+    def einsum(*a, **k):
+        calls[0] += 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(cka_mod.torch, "einsum", einsum)
+    m = cka_matrix(xs, ys)
+    assert calls[0] == 2  # one pass per model for its self-HSICs (was four)
+    calls[0] = 0
+    m_self = cka_matrix(xs)
+    assert calls[0] == 0  # the self case reads them off the diagonal of F F^T
+    monkeypatch.undo()
+    ref = [[cka(gram_linear(x.double().numpy()), gram_linear(y.double().numpy())) for y in ys] for x in xs]
+    np.testing.assert_allclose(m.numpy(), np.array(ref), atol=1e-6)
+    np.testing.assert_allclose(m_self.diagonal().numpy(), 1.0, atol=1e-12)

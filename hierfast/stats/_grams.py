@@ -45,12 +45,17 @@ class Workspace:
         return {"_bufs": {}, "centre_first": set()}
 
 
-def _centered_and_mean(x, label, backend, workspace, slot):
-    """``(x - column means in the compute dtype, float64 means (d,))``; ValueError naming
-    ``label`` for NaN/inf (detected from the means, so no extra pass over the features)."""
+def _centered_unchecked(x, backend, workspace, slot):
+    """``(x - column means in the compute dtype, float64 means (d,))``, not yet checked."""
     dt = compute_dtype(x)
     out = workspace.get(slot, x.shape, dt, x.device) if workspace is not None else None
-    xc, mean = ops.center_columns(x, out_dtype=dt, out=out, backend=backend)
+    return ops.center_columns(x, out_dtype=dt, out=out, backend=backend)
+
+
+def _centered_and_mean(x, label, backend, workspace, slot):
+    """:func:`_centered_unchecked`, then ValueError naming ``label`` for NaN/inf (detected
+    from the means, so no extra pass over the features)."""
+    xc, mean = _centered_unchecked(x, backend, workspace, slot)
     if not bool(torch.isfinite(mean).all()):
         _raise_nonfinite(x, label)
     return xc, mean
@@ -75,13 +80,13 @@ def _constant_trace_tol(n: int) -> float:
     return max(1e-20, (16 * n * 2.0 ** -52) ** 2)
 
 
-def _is_constant(g: torch.Tensor, mean: torch.Tensor, x: torch.Tensor) -> bool:
-    """Is the layer behind the centred Gram ``g`` exactly constant (every row equal)?
+def _is_constant(tr: float, m2: float, x: torch.Tensor) -> bool:
+    """Is the layer behind a centred Gram of trace ``tr`` exactly constant (every row equal)?
+    ``m2``: the squared norm of its column means.
 
     The O(n) trace test runs on every call; the exact ``x == x[0]`` pass only when the
     trace is at the rounding level of the means (``_constant_trace_tol``)."""
     n = x.shape[0]
-    tr, m2 = torch.stack([g.diagonal().sum(dtype=torch.float64), mean @ mean]).tolist()
     if not tr <= _constant_trace_tol(n) * n * m2:
         return False
     return bool((x == x[:1]).all())
@@ -93,10 +98,16 @@ def centered_gram(x: torch.Tensor, label: str = "x", *, backend: str | None = No
 
     Exactly zero for an exactly constant layer, so that its self-HSIC is 0 and its
     CKA NaN with a warning: centring alone leaves ~1e-17 residues, whose Gram gives
-    finite garbage (a CKA of -0.05 for a constant float64 layer)."""
-    xc, mean = _centered_and_mean(x, label, backend, workspace, slot)
+    finite garbage (a CKA of -0.05 for a constant float64 layer). ValueError naming
+    ``label`` for NaN/inf features."""
+    xc, mean = _centered_unchecked(x, backend, workspace, slot)
     g = symmetric_gram(xc)
-    if _is_constant(g, mean, x):
+    # one host sync for the finiteness test and the constant-layer test together
+    ok, tr, m2 = torch.stack([torch.isfinite(mean).all().to(torch.float64), g.diagonal().sum(dtype=torch.float64),
+                              mean @ mean]).tolist()
+    if not ok:
+        _raise_nonfinite(x, label)
+    if _is_constant(tr, m2, x):
         g.zero_()
     return g
 

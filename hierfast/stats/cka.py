@@ -7,6 +7,8 @@ Rizzo 2014. See ../shared/science/METRICS.md §1.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _grams
@@ -40,22 +42,28 @@ def _tiny_hsic(x: torch.Tensor) -> float:
     return 2.0 ** -900 if x.dtype == torch.float64 else 2.0 ** -200
 
 
-def _one_shot_grams(xs, labels, *, unbiased, kernel, threshold, backend):
-    """:func:`_grams.stacked_centered_grams` for the one-shot functions, whose per-layer
-    normalisation makes each row's scale free: a row whose self-HSIC under- or overflowed is
-    recomputed from the layer shifted and scaled by a power of two. The check reads the
-    (L,) self-HSICs only, so the normal path does no extra work."""
+def _one_shot_grams(xs, labels, *, unbiased, kernel, threshold, backend, all_pairs=False):
+    """``(F, d, hsic)``: :func:`_grams.stacked_centered_grams` for the one-shot functions,
+    the self-HSICs ``d`` and, with ``all_pairs``, ``hsic = F @ F.T`` (else None; ``d`` is
+    then its diagonal, no extra pass over F). The per-layer normalisation makes each row's
+    scale free: a row whose self-HSIC under- or overflowed is recomputed from the layer
+    shifted and scaled by a power of two. The check reads the (L,) self-HSICs in one host
+    sync, so the normal path does no extra work."""
     F = _grams.stacked_centered_grams(xs, labels, unbiased=unbiased, kernel=kernel, threshold=threshold,
                                       backend=backend)
-    d = torch.einsum("ij,ij->i", F, F)
-    tiny = torch.tensor([_tiny_hsic(x) for x in xs], dtype=torch.float64, device=d.device)
-    for i in (~torch.isfinite(d) | (d < tiny)).nonzero().flatten().tolist():
-        x = xs[i]
-        if bool((x == x[:1]).all()):  # constant: its zero row is right (NaN with a warning)
-            continue
-        F[i] = _grams.stacked_centered_grams([_grams.rescaled_copy(x)], [labels[i]], unbiased=unbiased,
+    hsic = F @ F.T if all_pairs else None
+    d = hsic.diagonal().clone() if all_pairs else torch.einsum("ij,ij->i", F, F)
+    redo = [i for i, v in enumerate(d.tolist()) if not (math.isfinite(v) and v >= _tiny_hsic(xs[i]))]
+    redo = [i for i in redo if not bool((xs[i] == xs[i][:1]).all())]  # constant: its zero row is right
+    if not redo:
+        return F, d, hsic
+    for i in redo:
+        F[i] = _grams.stacked_centered_grams([_grams.rescaled_copy(xs[i])], [labels[i]], unbiased=unbiased,
                                              kernel=kernel, threshold=threshold, backend=backend)[0]
-    return F
+    if all_pairs:
+        hsic = F @ F.T
+        return F, hsic.diagonal().clone(), hsic
+    return F, torch.einsum("ij,ij->i", F, F), None
 
 
 def _linear_cka_feature_space(x, y, debiased):
@@ -75,9 +83,8 @@ def _linear_cka_feature_space(x, y, debiased):
 
 
 def _cka_gram_space(x, y, debiased, kernel, threshold, backend):
-    F = _one_shot_grams([x, y], ["x", "y"], unbiased=debiased, kernel=kernel, threshold=threshold,
-                        backend=backend)
-    hsic = F @ F.T
+    _, _, hsic = _one_shot_grams([x, y], ["x", "y"], unbiased=debiased, kernel=kernel, threshold=threshold,
+                                 backend=backend, all_pairs=True)
     return cka_from_hsic(hsic[0:1, 1:2], hsic[0, 0].reshape(1), hsic[1, 1].reshape(1), ["x"], ["y"])[0, 0]
 
 
@@ -178,21 +185,17 @@ def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", debiased: bool 
     xs_a = [as_features(x, lab, min_n=_min_n(debiased), check_finite=False) for x, lab in zip(xs_a, labels_a)]
     if feats_b is None:
         check_same_batch(xs_a, labels_a)
-        F = _one_shot_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
-                            backend=backend)
-        hsic = F @ F.T
-        d = hsic.diagonal().clone()
+        _, d, hsic = _one_shot_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
+                                     backend=backend, all_pairs=True)
         shown = names_a or [str(i) for i in range(len(xs_a))]
         return label_matrix(cka_from_hsic(hsic, d, d, shown, shown), names_a, names_a)
     names_b, xs_b = as_layers(feats_b, "feats_b")
     labels_b = [layer_label(names_b, i, "feats_b") for i in range(len(xs_b))]
     xs_b = [as_features(x, lab, min_n=_min_n(debiased), check_finite=False) for x, lab in zip(xs_b, labels_b)]
     check_same_batch(xs_a + xs_b, labels_a + labels_b)
-    Fa = _one_shot_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
-                         backend=backend)
-    Fb = _one_shot_grams(xs_b, labels_b, unbiased=debiased, kernel=kernel, threshold=threshold,
-                         backend=backend)
+    Fa, sa, _ = _one_shot_grams(xs_a, labels_a, unbiased=debiased, kernel=kernel, threshold=threshold,
+                                backend=backend)
+    Fb, sb, _ = _one_shot_grams(xs_b, labels_b, unbiased=debiased, kernel=kernel, threshold=threshold,
+                                backend=backend)
     cross = Fa @ Fb.T
-    sa = torch.einsum("ij,ij->i", Fa, Fa)
-    sb = torch.einsum("ij,ij->i", Fb, Fb)
     return label_matrix(cka_from_hsic(cross, sa, sb, labels_a, labels_b), names_a, names_b)

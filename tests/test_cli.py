@@ -190,3 +190,39 @@ def test_demo_summary_words_agree_with_the_report(capsys):
     table = _pattern_table(patterns)
     for word in ("undefined", "not measured", "does not hold"):
         assert f"[{word}]" in out and f">{word}</td>" in table
+
+
+BUGGY = FACTORIES + """
+
+class Buggy(nn.Module):
+    def forward(self, x):
+        return {"a": x}["b"]  # a bug in the user's model: KeyError('b')
+
+def buggy_model():
+    return nn.Sequential(nn.Linear(6, 8), Buggy())
+
+def buggy_data():
+    raise ValueError("bad shard")  # a bug in the user's data factory
+"""
+
+
+@pytest.mark.parametrize("flag,spec,error", [("--model", "cli_buggy:buggy_model", KeyError),
+                                             ("--data", "cli_buggy:buggy_data", ValueError)])
+def test_analyze_bugs_in_the_users_code_keep_their_traceback(tmp_path, monkeypatch, capsys, flag, spec, error):
+    (tmp_path / "cli_buggy.py").write_text(BUGGY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = {"--model": "cli_buggy:model", "--data": "cli_buggy:data", flag: spec}
+    with pytest.raises(error):  # was: "hierfast analyze: b", exit 2, no traceback
+        main(["analyze", *(x for kv in args.items() for x in kv), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert "hierfast analyze:" not in capsys.readouterr().err
+
+
+def test_analyze_cuda_device_without_cuda_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "cli_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["analyze", "--model", "cli_factories:model", "--data", "cli_factories:data", "--out",
+                 str(tmp_path / "o"), "--no-progress", "--device", "cuda"]) == 2
+    assert "--device 'cuda': CUDA is not available here" in capsys.readouterr().err

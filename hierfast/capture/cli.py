@@ -9,6 +9,19 @@ from pathlib import Path
 
 # errors that mean "the input is wrong": one line on stderr and exit code 2, no traceback
 USER_ERRORS = (ValueError, TypeError, KeyError)
+# where hierfast checks its inputs: an error raised elsewhere (the user's model, data or
+# factory, torch) is a bug to show with its traceback, whatever its type
+_CHECKING = tuple(str(Path(__file__).resolve().parents[1] / d) for d in ("capture", "stats", "report", "transforms"))
+
+
+def is_input_error(e: BaseException) -> bool:
+    """Did one of hierfast's own argument/input checks raise ``e`` (its innermost frame)?"""
+    tb = e.__traceback__
+    if not isinstance(e, USER_ERRORS) or tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_CHECKING)
 
 
 def user_error(cmd: str, e: BaseException) -> int:
@@ -72,6 +85,8 @@ def run_analyze(args) -> int:
     try:
         res = _analyze(args)
     except USER_ERRORS as e:
+        if not is_input_error(e):  # a KeyError in the model's forward is no input error: traceback
+            raise
         return user_error("analyze", e)
     path = res.save(args.out)
     print(f"{res}\nwrote {path} and {path.with_suffix('.npz')}")
@@ -127,14 +142,12 @@ def _check_stats(names) -> None:
 
 
 def _check_device(device) -> None:
-    import torch
+    from .engine import _check_device as check
 
-    if device is None:
-        return
     try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device; pass e.g. cpu, cuda or cuda:1") from None
+        check(device)
+    except ValueError as e:  # the engine's message, under the flag's name
+        raise ValueError(str(e).replace(f"device={device!r}", f"--device {device!r}", 1)) from None
 
 
 def _check_out_dir(out: Path) -> None:

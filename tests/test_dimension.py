@@ -210,3 +210,17 @@ def test_merge_equals_one_stream_and_keeps_the_options():
     old = left.state_dict()
     del old["options"]  # a state of an older version records none: accepted
     assert DimensionAccumulator(reservoir=8).load_state_dict(old).seen == 120
+
+
+def test_twonn_ties_split_by_float32_rounding_are_ties():
+    from hierfast.stats.dimension import twonn
+
+    for k in (12, 30):
+        axis = torch.arange(k, dtype=torch.float32) * 0.1  # 0.1 steps are not exact in float32
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+        with pytest.raises(ValueError, match="tied distances"):  # was: about 1e6
+            twonn(grid, resamples=1)
+    # the tolerance leaves real data alone: float32 equals the float64 estimate of the same values
+    x = torch.randn(400, 10, generator=torch.Generator().manual_seed(0))
+    assert twonn(x) == pytest.approx(twonn(x.double()), rel=1e-9)
+    assert twonn(x.bfloat16()) == pytest.approx(twonn(x.bfloat16().double()), rel=1e-9)

@@ -44,8 +44,26 @@ def two_nearest(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # mu = r2/r1 at most this far above 1 is a tie r1 = r2 (equal distances computed with rounding,
-# e.g. on a grid or a circle): log mu ~ 1e-16 would dominate the fit through the origin
+# e.g. on a grid or a circle): log mu ~ 1e-16 would dominate the fit through the origin. This
+# floor covers the float64 arithmetic of knn2's recomputed distances; _tie_tolerance adds the
+# rounding of the inputs themselves
 _TIE = 1e-12
+
+
+def _tie_tolerance(x, r1, i1, i2) -> torch.Tensor:
+    """Per point, how far above 1 mu may be for a tie that the input's own rounding split.
+
+    knn2 recomputes the kept distances in float64 from the input's values (rounding ~1e-16,
+    covered by _TIE), but those values are rounded already: a float32 grid 0.1 apart is no
+    exact grid (mu - 1 up to ~20 eps32 on a 30 x 30 grid). A point moved by at most u ||x||
+    (u: unit roundoff of x's dtype), so r_k by at most u (||x|| + ||x_k||) and mu = r2/r1
+    (r2 >= r1) by a relative (e1 + e2) / r1. 16-bit inputs use float32's u: their rounding
+    (a bfloat16 grid's mu - 1 reaches 0.17) cannot tell a split tie from a real near-tie, and
+    leaving such points out would bias every 16-bit estimate."""
+    dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    u = torch.finfo(dt).eps / 2
+    norm = torch.linalg.vector_norm(x.reshape(x.shape[0], -1).to(torch.float64), dim=1)
+    return (u * (2.0 * norm + norm[i1] + norm[i2]) / torch.sqrt(r1)).clamp_min(_TIE)
 
 
 def _twonn_fit(x: torch.Tensor, fraction: float) -> tuple[float, int]:
@@ -53,10 +71,12 @@ def _twonn_fit(x: torch.Tensor, fraction: float) -> tuple[float, int]:
 
     Raises ValueError when fewer than 3 points have distinct first and second
     nearest-neighbour distances (duplicated rows, a constant layer, a grid)."""
-    r1, r2 = two_nearest(x)
-    dup = r1 <= 0  # duplicates (r1 = 0) make mu infinite: dropped, as Ansuini et al.'s code does
-    mu = torch.sqrt(r2[~dup] / r1[~dup])
-    tie = mu <= 1.0 + _TIE
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    r1, r2, i1, i2 = knn2(xs)
+    keep = r1 > 0  # duplicates (r1 = 0) make mu infinite: dropped, as Ansuini et al.'s code does
+    dup = ~keep
+    mu = torch.sqrt(r2[keep] / r1[keep])
+    tie = mu <= 1.0 + _tie_tolerance(x, r1, i1, i2)[keep]
     mu = mu[~tie]
     n = mu.numel()
     if n < 3:

@@ -357,6 +357,29 @@ def test_fuse_does_not_fold_bn_into_tied_weights():
         torch.testing.assert_close(fused(x), model(x))
 
 
+class _TwoAliases(nn.Module):
+    def __init__(self, blk):
+        super().__init__()
+        self.a = self.b = blk
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("shape", ["sequential", "aliases"])
+def test_fuse_folds_bn_inside_a_reused_block(shape):
+    """A block used twice (``nn.Sequential(blk, blk)``, ``self.a = self.b = blk``) holds its conv
+    in one slot: one fold inside it is exact for both uses, so it is not refused as shared."""
+    torch.manual_seed(0)
+    blk = _randomise_bn(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
+    model = (nn.Sequential(blk, blk) if shape == "sequential" else _TwoAliases(blk)).eval()
+    fused, report = fuse(model)
+    assert [r["fused"] for r in report] == [True] and report[0]["batchnorm"]
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    ref = model.double()(x)
+    torch.testing.assert_close(fused.double()(x), ref)
+
+
 class _ConvBnRelu(nn.Module):
     def __init__(self, bn):
         super().__init__()

@@ -80,14 +80,19 @@ def _foldable_bn(bn, conv) -> str | None:
 
 
 def _shared_parameters(model: nn.Module) -> set:
-    """ids of the parameters held at more than one place of ``model``'s tree: tied weights, or
-    one module at several places (``nn.Sequential(c, nn.ReLU(), c)``)."""
-    seen, shared = set(), set()
-    for _, m in model.named_modules(remove_duplicate=False):
+    """ids of the parameters a BN fold would untie: held by more than one module object (tied
+    by hand), or held by a module object that sits in more than one (parent, key) slot
+    (``nn.Sequential(c, nn.ReLU(), c)``). A reused container (``nn.Sequential(blk, blk)``) is
+    not sharing: its convs sit in one slot of one parent, so one fold inside it serves all uses."""
+    holders, slots = collections.defaultdict(set), collections.defaultdict(set)
+    for m in model.modules():  # each module object once
         for p in m._parameters.values():
             if p is not None:
-                (shared if id(p) in seen else seen).add(id(p))
-    return shared
+                holders[id(p)].add(id(m))
+        for key, child in m._modules.items():
+            if child is not None:
+                slots[id(child)].add((id(m), key))
+    return {pid for pid, ms in holders.items() if len(ms) > 1 or any(len(slots[mid]) > 1 for mid in ms)}
 
 
 def _tied_reason(conv: nn.Conv2d, bn, shared: set) -> str | None:

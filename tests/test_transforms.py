@@ -297,9 +297,28 @@ def test_a_samples_draw_does_not_depend_on_batch_size_or_dtype():
     for make in (lambda: T.Translate(3, mode="zeros", seed=1), lambda: T.Translate(3, seed=1),
                  lambda: T.Cutout(3, seed=1), lambda: T.Rotate(20, seed=1), lambda: T.Brightness(0.5, seed=1)):
         torch.testing.assert_close(make()(x)[:2], make()(x[:2]), rtol=0, atol=1e-12)
+    for n, shape in ((5, (3, 5, 7)), (3, (1, 2, 2)), (17, (1, 1, 3))):  # numel % 16 != 0: randn's tail redraw
+        z = torch.zeros(n, *shape)
+        reference = torch.stack([T.GaussianNoise(1.0, seed=2)(z)[i] for i in range(n)])
+        for m in range(1, n + 1):
+            torch.testing.assert_close(T.GaussianNoise(1.0, seed=2)(z[:m]), reference[:m], rtol=0, atol=0)
     z = torch.zeros(4, 1, 2, 2)
     for make in (lambda: T.Brightness(1.0, seed=0), lambda: T.GaussianNoise(1.0, seed=0)):
         torch.testing.assert_close(make()(z.double()), make()(z).double(), rtol=0, atol=0)
     ones = torch.ones(4, 1, 5, 5)
     c32, c64 = T.Contrast(1.0, seed=0)(ones + torch.eye(5)), T.Contrast(1.0, seed=0)((ones + torch.eye(5)).double())
     torch.testing.assert_close(c64.float(), c32, rtol=1e-6, atol=1e-6)
+
+
+def test_a_subclass_may_declare_deterministic():
+    class Fixed(T.GaussianNoise):
+        def __init__(self):
+            super().__init__(0.5)
+            self.deterministic = True  # was: AttributeError (a property without a setter)
+
+    t = Fixed()
+    assert t.deterministic and not T.GaussianNoise(0.5).deterministic and T.GaussianNoise(0.0).deterministic
+    t.deterministic = False
+    assert not t.deterministic
+    with pytest.raises(TypeError, match="True or False"):
+        t.deterministic = 1

@@ -49,8 +49,16 @@ class Transform:
 
     @property
     def deterministic(self) -> bool:
-        """True when T = T' on every call (scored one-view, NIS_1)."""
-        return bool(self._draw_is_fixed())
+        """True when T = T' on every call (scored one-view, NIS_1). Assignable: a subclass
+        (or user) may declare it per instance, which then overrides ``_draw_is_fixed``."""
+        declared = self.__dict__.get("_deterministic")
+        return bool(self._draw_is_fixed()) if declared is None else declared
+
+    @deterministic.setter
+    def deterministic(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"deterministic must be True or False, got {value!r}")
+        self._deterministic = value
 
     def _draw_is_fixed(self) -> bool:
         """Whether the draw cannot vary; by default only when the transform is the identity."""

@@ -19,7 +19,8 @@ Apply them *before* the model's input normalisation. Geometric transforms other
 than circular translation resample with bilinear interpolation (in float32, float64 for
 float64 input, whatever the input dtype) and fill outside the image with zeros.
 Magnitude 0 is exactly the identity for every transform. Sample i's draw depends only on
-the seed and i, never on the batch size or the input dtype.
+the seed and i, never on the batch size or the input dtype (GaussianNoise on a GPU excepted:
+CUDA's generator maps its streams by the size of the tensor drawn).
 """
 from __future__ import annotations
 
@@ -180,7 +181,12 @@ class GaussianNoise(ImageTransform):
         self.magnitude = check_magnitude(magnitude, "magnitude (noise standard deviation)")
 
     def _apply(self, x, g):
-        noise = torch.randn(x.shape, generator=g, device=x.device)  # float32 draw: same noise in every dtype
+        # float32 draw: the same noise in every dtype. One block of a multiple of 16 values per
+        # sample: the CPU's randn transforms its uniforms 16 at a time and redraws the last 16
+        # when the count is no multiple of 16, which made the last sample's noise depend on N
+        per = x[0].numel()
+        block = torch.randn(x.shape[0], -(-per // 16) * 16, generator=g, device=x.device)
+        noise = block[:, :per].reshape(x.shape)
         return x + (self.magnitude * noise).to(x.dtype)
 
 

@@ -291,3 +291,13 @@ def test_sparsity_length_is_checked_and_the_caption_names_both_scores(tmp_path):
         write_report(a, tmp_path / "out")
     text = open(write_report(_hierarchy(), tmp_path / "ok")["html"], encoding="utf-8").read()
     assert "f(Tx) − f(T′x)" in text and "f(Tx) − f(x)‖" in text  # two-view and one-view
+
+
+def test_probe_over_a_single_layer_is_undefined_for_too_few_layers():
+    a = {"layers": LAYERS[:1], "probe": {"accuracy": np.array([0.7]), "control": np.array([0.1]),
+                                         "selectivity": np.array([0.6]), "chance": 0.1}}
+    out = {p["name"]: p for p in check_patterns(a)}["probe_rises_with_depth"]
+    assert out["holds"] is None and out["undefined"] == []
+    # was: "not finite for layers [] (constant features?)" although every value is finite
+    assert "1 layer(s) with a defined value, too few to decide; too few layers" in out["evidence"]
+    assert "constant" not in out["evidence"] and "[]" not in out["evidence"]

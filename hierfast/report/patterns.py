@@ -46,17 +46,21 @@ def _thirds(v: np.ndarray) -> tuple[float, float]:
     return _nanmean(v[:k]), _nanmean(v[-k:])
 
 
-def _bad_layers(analysis: dict, bad: np.ndarray) -> list[str]:
-    """Names of the layers whose value is not finite (``bad``: one bool per layer)."""
-    return [str(n) for n, b in zip(analysis["layers"], bad) if b]
+def _bad_layers(analysis: dict, bad: np.ndarray) -> tuple[list[str], int]:
+    """Names of the layers whose value is not finite (``bad``: one bool per layer), and how
+    many layers have a finite one."""
+    bad = np.asarray(bad, dtype=bool)
+    return [str(n) for n, b in zip(analysis["layers"], bad) if b], int((~bad).sum())
 
 
-def _result(name, statement, holds, evidence, values, bad: list[str]) -> dict:
+def _result(name, statement, holds, evidence, values, bad: tuple[list[str], int]) -> dict:
     """The check's dict; NaN means (too few defined values) make the verdict undefined."""
+    bad, n_defined = bad
     note = f" (left out, undefined: constant features? layers {bad})" if bad else ""
     if any(not np.isfinite(v) for v in values.values()):
+        why = f"not finite for layers {bad} (constant features?)" if bad else "too few layers to compare"
         return {"name": name, "holds": None, "statement": statement, "undefined": bad,
-                "evidence": f"undefined: too few defined values; not finite for layers {bad} (constant features?)",
+                "evidence": f"undefined: {n_defined} layer(s) with a defined value, too few to decide; {why}",
                 "values": values}
     return {"name": name, "holds": bool(holds()), "statement": statement, "evidence": evidence + note,
             "values": values}

@@ -303,7 +303,7 @@ def test_exact_state_keeps_the_estimator():
     acc.update(fa, fb)
     with pytest.raises(ValueError, match="debiased=True"):
         ExactCKA().load_state_dict(acc.state_dict())
-    with pytest.raises(ValueError, match="same estimator"):
+    with pytest.raises(ValueError, match=r"ExactCKA\(debiased=True\) but this is ExactCKA\(debiased=False\)"):
         biased = ExactCKA()
         biased.update(fa, fb)
         biased.merge(acc)
@@ -370,3 +370,14 @@ def test_gloo_rank_without_data_contributes_zeros(cls, tmp_path):
         got = torch.load(f"{out}.{r}", weights_only=False)
         torch.testing.assert_close(got["value"], one.compute(), atol=1e-9, rtol=0)
         assert "no rank has data" in got["error"]
+
+
+def test_exact_options_checked_when_merging_an_empty_state():
+    fa, _ = _layers(16)
+    acc = ExactCKA()
+    acc.update(fa)
+    with pytest.raises(ValueError, match=r"debiased=True\) but this is ExactCKA\(debiased=False"):
+        acc.merge(ExactCKA(debiased=True))  # empty, but of the other estimator: was accepted
+    assert acc._options() == {"debiased": False}  # what sync's agreement compares across ranks
+    with pytest.raises(ValueError, match="debiased=False"):
+        ExactCKA(debiased=True).load_state_dict(ExactCKA().state_dict())  # an empty state too

@@ -115,3 +115,14 @@ def test_deterministic_transforms_are_scored_one_sided():
     expect = normalized_invariance(tb, None, ref)
     torch.testing.assert_close(res.invariance["blur"]["score"][0], expect, atol=1e-9, rtol=0)
     assert res.invariance["blur"]["score"][0, 0] < 0.999
+
+
+def test_dimension_statistic_syncs_through_its_accumulators(monkeypatch):
+    from hierfast.stats import DimensionAccumulator
+
+    stat = hierfast.capture.get_statistic("dimension")(["0"], ["1"])
+    calls = []
+    monkeypatch.setattr(DimensionAccumulator, "sync", lambda self, group=None: calls.append(group) or self)
+    assert stat.sync("g") is stat and calls == ["g", "g"]  # one copy of the gather-and-merge
+    monkeypatch.undo()
+    assert stat.sync() is stat  # not distributed: a no-op (was: get_world_size raised)

@@ -201,3 +201,16 @@ def test_state_and_merge_keep_the_options(opts):
     del old["options"]  # a state of an older version records no options: accepted
     assert ProbeAccumulator().load_state_dict(old).seen == 100
     assert ProbeAccumulator(**opts).load_state_dict(saved.state_dict()).seen == 100
+
+
+def test_sync_without_distributed_is_a_noop_and_merge_checks_the_type():
+    x, y = _task(60, 4, 2, 0.5, seed=3)
+    acc = ProbeAccumulator(seed=1)
+    acc.update([x], y)
+    before = acc.state_dict()
+    assert acc.sync() is acc  # was: torch.distributed's "Default process group has not been initialized"
+    assert all(torch.equal(v, before[k]) for k, v in acc.state_dict().items() if isinstance(v, torch.Tensor))
+    from hierfast.stats import MinibatchCKA
+
+    with pytest.raises(TypeError, match="must be a ProbeAccumulator, got MinibatchCKA"):
+        acc.merge(MinibatchCKA())

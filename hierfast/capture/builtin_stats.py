@@ -286,14 +286,8 @@ class DimensionStatistic:
         return self
 
     def sync(self, group=None) -> "DimensionStatistic":
-        import torch.distributed as dist
-
-        from ..stats.dimension import merge_states
-
-        for acc in self.accs.values():
-            states = [None] * dist.get_world_size(group)
-            dist.all_gather_object(states, acc.state_dict(), group=group)
-            acc.load_state_dict(merge_states(states))
+        for acc in self.accs.values():  # the accumulator's own sync (one copy of the gather-and-merge)
+            acc.sync(group)
         return self
 
 

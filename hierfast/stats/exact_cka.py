@@ -248,22 +248,19 @@ class ExactCKA(Accumulator):
             off += d
         return torch.cat(out)
 
-    def _check_compatible(self, other) -> None:
-        super()._check_compatible(other)
-        if other.debiased != self.debiased:
-            raise ValueError(f"cannot merge ExactCKA(debiased={other.debiased}) into "
-                             f"ExactCKA(debiased={self.debiased}): both must use the same estimator")
+    def _options(self) -> dict:
+        # the estimator: merge, load_state_dict and sync refuse to mix biased and debiased sums
+        return {"debiased": self.debiased}
 
     def state_dict(self) -> dict:
         out = super().state_dict()
-        out["debiased"] = self.debiased
+        out["debiased"] = self.debiased  # also top level, as states of earlier versions had it
         return out
 
     def load_state_dict(self, state: dict) -> "ExactCKA":
         saved = state.get("debiased") if isinstance(state, dict) else None
-        if saved is not None and bool(saved) != self.debiased:
-            raise ValueError(f"state was saved by ExactCKA(debiased={bool(saved)}) but this is "
-                             f"ExactCKA(debiased={self.debiased}); construct it with debiased={bool(saved)}")
+        if isinstance(state, dict) and state.get("options") is None and saved is not None:
+            self._check_options({"debiased": bool(saved)}, "state was saved by")  # a state without options
         super().load_state_dict(state)
         if not self.initialized:  # an empty state
             return self

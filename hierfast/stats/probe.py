@@ -339,6 +339,8 @@ class ProbeAccumulator:
 
         ``index`` must be given (dataset ids) when merging shards: stream positions restart
         at 0 in every shard. Both must have the same options (:meth:`_options`)."""
+        if not isinstance(other, ProbeAccumulator):
+            raise TypeError(f"other must be a ProbeAccumulator, got {type(other).__name__}")
         self._check_options(other._options(), "cannot merge a")
         if not other.layers:
             return self
@@ -380,9 +382,12 @@ class ProbeAccumulator:
                              "ProbeAccumulator(n_classes=<number of classes>)")
 
     def sync(self, group=None) -> "ProbeAccumulator":
-        """Gather every rank's state and merge them in rank order (all ranks end equal)."""
+        """Gather every rank's state and merge them in rank order (all ranks end equal); no-op
+        when not distributed, as for the other accumulators."""
         import torch.distributed as dist
 
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
         states = [None] * dist.get_world_size(group)
         dist.all_gather_object(states, {k: v for k, v in self.state_dict().items()}, group=group)
         merged = self._like()

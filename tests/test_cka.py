@@ -326,3 +326,23 @@ def test_cka_matrix_forms_each_self_hsic_once(monkeypatch):
     ref = [[cka(gram_linear(x.double().numpy()), gram_linear(y.double().numpy())) for y in ys] for x in xs]
     np.testing.assert_allclose(m.numpy(), np.array(ref), atol=1e-6)
     np.testing.assert_allclose(m_self.diagonal().numpy(), 1.0, atol=1e-12)
+
+
+def test_extreme_magnitudes_rescale_one_shot_and_raise_clearly_when_streamed():
+    from hierfast.stats import MinibatchCKA
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 20, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(20, 30, generator=g, dtype=torch.float64))
+    ref = cka(gram_linear(x.numpy()), gram_linear(y.numpy()))
+    for s in (1e155, 1e200, 1e-160):  # squares overflow (the raw Gram's check raised) or HSICs underflow
+        xs, ys = x * s, y * s
+        assert cka_matrix([xs, ys])[0, 1].item() == pytest.approx(ref, abs=1e-9)
+        assert cka_matrix([xs], [ys])[0, 0].item() == pytest.approx(ref, abs=1e-9)
+        assert linear_cka(xs, ys, form="gram").item() == pytest.approx(ref, abs=1e-9)
+    for xs, ys in ((x * 1e100, y * 1e100), (x * 1e-160, y * 1e-160), (x.float() * 1e-25, y.float() * 1e-25)):
+        acc = MinibatchCKA()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConstantLayerWarning)  # was: NaN, and a false constant-layer warning
+            with pytest.raises(ValueError, match="extreme magnitude.*power of two"):
+                acc.update([xs, ys])

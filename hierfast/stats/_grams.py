@@ -93,13 +93,15 @@ def _is_constant(tr: float, m2: float, x: torch.Tensor) -> bool:
 
 
 def centered_gram(x: torch.Tensor, label: str = "x", *, backend: str | None = None,
-                  workspace: Workspace | None = None, slot=None) -> torch.Tensor:
+                  workspace: Workspace | None = None, slot=None, rescalable: bool = False) -> torch.Tensor:
     """Gram of the column-centred features, (n, n) in the compute dtype.
 
     Exactly zero for an exactly constant layer, so that its self-HSIC is 0 and its
     CKA NaN with a warning: centring alone leaves ~1e-17 residues, whose Gram gives
     finite garbage (a CKA of -0.05 for a constant float64 layer). ValueError naming
-    ``label`` for NaN/inf features."""
+    ``label`` for NaN/inf features, and for finite ones whose Gram or HSIC would under- or
+    overflow (:func:`_check_magnitude`) unless ``rescalable`` (the one-shot functions, which
+    then recompute the layer from a rescaled copy)."""
     xc, mean = _centered_unchecked(x, backend, workspace, slot)
     g = symmetric_gram(xc)
     # one host sync for the finiteness test and the constant-layer test together
@@ -109,7 +111,26 @@ def centered_gram(x: torch.Tensor, label: str = "x", *, backend: str | None = No
         _raise_nonfinite(x, label)
     if _is_constant(tr, m2, x):
         g.zero_()
+    elif not rescalable:
+        _check_magnitude(tr, g.dtype, x, label)
     return g
+
+
+# HSICs are float64 sums of squared Gram entries, about tr(K)^2: a trace beyond 2^500 overflows
+# them, one below 2^-500 underflows them, and one at or below the smallest normal number of the
+# Gram's dtype lost its digits already
+_MAX_TRACE = 2.0 ** 500
+_MIN_TRACE = 2.0 ** -500
+
+
+def _check_magnitude(tr: float, dtype: torch.dtype, x: torch.Tensor, label: str) -> None:
+    """ValueError for a non-constant layer whose centred Gram trace ``tr`` is out of range (the
+    streaming CKA would return NaN, or a zero self-HSIC taken for a constant layer)."""
+    if math.isfinite(tr) and max(torch.finfo(dtype).tiny, _MIN_TRACE) < tr <= _MAX_TRACE:
+        return
+    raise ValueError(f"{label} has features of extreme magnitude (centred Gram trace {tr:.3g} in {dtype}): their "
+                     "Gram or HSIC under- or overflows. CKA is scale-invariant: multiply the features by a power "
+                     "of two first (cka_matrix and linear_cka rescale such layers themselves)")
 
 
 def centred_float64(x: torch.Tensor) -> torch.Tensor:
@@ -189,12 +210,16 @@ def symmetric_gram(xc: torch.Tensor) -> torch.Tensor:
 _MAX_RATIO = {torch.float32: 8.0, torch.float64: 1e6}
 
 
-def _conditioning_ok(trace: float, total: float, n: int, dtype: torch.dtype, x: torch.Tensor, label: str) -> bool:
+def _conditioning_ok(trace: float, total: float, n: int, dtype: torch.dtype, x: torch.Tensor, label: str,
+                     rescalable: bool = False) -> bool:
     """Is the raw Gram accurate enough, given its trace and the sum of all its entries?
 
-    Raises ValueError naming ``label`` when either is non-finite (NaN/inf features).
+    Raises ValueError naming ``label`` when either is non-finite (NaN/inf features; with
+    ``rescalable``, finite features whose squares overflowed go to the centred path instead).
     """
     if not (math.isfinite(trace) and math.isfinite(total)):
+        if rescalable and bool(torch.isfinite(x).all()):  # a pass over x on this rare path only
+            return False
         _raise_nonfinite(x, label)
     centred_trace = trace - total / n
     if not centred_trace > 0:  # constant layer or catastrophic cancellation: centre first
@@ -276,19 +301,21 @@ def rbf_gram(x: torch.Tensor, threshold: float, label: str = "x", *, backend=Non
 
 def stacked_centered_grams(layers, labels, *, unbiased: bool, kernel: str = "linear", threshold: float = 1.0,
                            backend: str | None = None, workspace: Workspace | None = None,
-                           slot_prefix: str = "") -> torch.Tensor:
+                           slot_prefix: str = "", rescalable: bool = False) -> torch.Tensor:
     """One centred (biased) or U-centred (unbiased) Gram per layer, as rows of (L, n*n) float64.
 
     Layers whose kernel is undefined (RBF of a constant layer) get a zero row, which
-    the caller turns into NaN with a warning.
+    the caller turns into NaN with a warning. Linear kernel: features of extreme magnitude
+    raise ValueError, or with ``rescalable`` give a non-finite or tiny row that the caller
+    recomputes from a rescaled copy.
     """
     n = layers[0].shape[0]
     F = torch.empty(len(layers), n * n, dtype=torch.float64, device=layers[0].device)
     for i, (x, label) in enumerate(zip(layers, labels)):
         kw = dict(backend=backend, workspace=workspace, slot=f"{slot_prefix}{i}")
         if kernel == "linear":
-            if not _raw_epilogue_ok(x, label, F[i], unbiased, **kw):
-                g = centered_gram(x, label, **kw)
+            if not _raw_epilogue_ok(x, label, F[i], unbiased, rescalable=rescalable, **kw):
+                g = centered_gram(x, label, rescalable=rescalable, **kw)
                 ops.gram_epilogue(g, unbiased=unbiased, out=F[i], backend=backend)
             continue
         g = rbf_gram(x, threshold, label, **kw)
@@ -299,7 +326,7 @@ def stacked_centered_grams(layers, labels, *, unbiased: bool, kernel: str = "lin
     return F
 
 
-def _raw_epilogue_ok(x, label, out, unbiased, *, backend, workspace, slot) -> bool:
+def _raw_epilogue_ok(x, label, out, unbiased, *, backend, workspace, slot, rescalable=False) -> bool:
     """Try the linear path without a centring pass: (U-)centre the raw Gram into
     ``out`` and keep it when the conditioning ratio allows. The epilogue's total
     doubles as the conditioning and NaN test, so the accepted path costs one GEMM,
@@ -313,7 +340,9 @@ def _raw_epilogue_ok(x, label, out, unbiased, *, backend, workspace, slot) -> bo
     trace, total = torch.stack([g.diagonal().sum(dtype=torch.float64), total]).tolist()
     if unbiased:  # the unbiased epilogue's total leaves out the diagonal
         total += trace
-    if _conditioning_ok(trace, total, x.shape[0], g.dtype, x, label):
+    if _conditioning_ok(trace, total, x.shape[0], g.dtype, x, label, rescalable):
+        if not rescalable:  # the trace is on the host already: no extra sync
+            _check_magnitude(trace, g.dtype, x, label)
         return True
     if workspace is not None:
         workspace.centre_first.add(slot)

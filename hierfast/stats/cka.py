@@ -50,7 +50,7 @@ def _one_shot_grams(xs, labels, *, unbiased, kernel, threshold, backend, all_pai
     shifted and scaled by a power of two. The check reads the (L,) self-HSICs in one host
     sync, so the normal path does no extra work."""
     F = _grams.stacked_centered_grams(xs, labels, unbiased=unbiased, kernel=kernel, threshold=threshold,
-                                      backend=backend)
+                                      backend=backend, rescalable=True)
     hsic = F @ F.T if all_pairs else None
     d = hsic.diagonal().clone() if all_pairs else torch.einsum("ij,ij->i", F, F)
     redo = [i for i, v in enumerate(d.tolist()) if not (math.isfinite(v) and v >= _tiny_hsic(xs[i]))]

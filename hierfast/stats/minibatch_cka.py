@@ -21,6 +21,12 @@ class MinibatchCKA(Accumulator):
     1/(b(b-3)) factor makes batches of different sizes (a ragged last batch) weigh as
     the estimator prescribes.
 
+    Features of extreme magnitude (a centred Gram trace beyond 2^+-500, or below the
+    Gram dtype's smallest normal number: float64 ~1e+-125 and beyond, float32 below ~1e-20)
+    raise ValueError naming the layer instead of summing inf/0 into NaN: a streamed layer
+    cannot be rescaled per batch. The one-shot :func:`cka_matrix` / :func:`linear_cka`
+    rescale such layers by a power of two and return the exact CKA.
+
     Example:
         >>> import torch
         >>> from hierfast.stats import MinibatchCKA

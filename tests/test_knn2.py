@@ -281,3 +281,22 @@ def test_cuda_tensors(backend, n, d, dtype):
                 assert torch.equal(a, b)
         else:
             check_exact(got, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_cpu_screen_certifies_tiny_norm_rows(flush):
+    """Without flush-to-zero a subnormal operation errs by at most denorm_min, so the CPU
+    screen's absolute error term is (4d + 16) * denorm_min: float32 rows at scale 1e-19
+    (squared distances near the smallest normal) are still certified, not scanned. With
+    FTZ/DAZ set the conservative min-normal term returns, and the answer stays exact."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(1000, 16, generator=g, dtype=torch.float64) * 1e-19).float()
+    ref = brute_force(x)
+    try:
+        torch.set_flush_denormal(flush)
+        *out, stats = knn2(x, backend="cpu", screen="native", return_stats=True)
+    finally:
+        torch.set_flush_denormal(False)
+    check_exact(out, ref)
+    if not flush:
+        assert stats["exact_scans"] < 10, stats  # the min-normal term scanned all 1000 rows

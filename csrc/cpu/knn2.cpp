@@ -35,6 +35,9 @@
 #include <immintrin.h>
 #define HIERFAST_KNN2_BF16 1
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "hierfast/cpu_kernels.h"
 
@@ -225,18 +228,38 @@ std::vector<Keep<T, K>> screen_pairs(int64_t n, const T* norms, TileFn tile_fn) 
   return rows;
 }
 
+// Whether this thread flushes subnormals (x86 MXCSR: FTZ 0x8000 flushes results, DAZ 0x0040
+// reads subnormal inputs as zero). Elsewhere we cannot tell cheaply: assume it may.
+inline bool thread_flushes_denormals() {
+#if defined(__x86_64__) || defined(__i386__)
+  return (_mm_getcsr() & 0x8040u) != 0;
+#else
+  return true;
+#endif
+}
+
+// Whether the calling thread or any OpenMP team thread flushes (MXCSR is per thread).
+bool team_flushes_denormals() {
+  bool any = thread_flushes_denormals();
+  bool team = false;
+#pragma omp parallel reduction(|| : team)
+  team = thread_flushes_denormals();
+  return any || team;
+}
+
 // Bound on |screened - true| squared distance between centred rows a, b of the working
 // precision (unit roundoff u): centring rounding <= 5u(|a|^2+|b|^2); rounded norms
 // <= u(|a|^2+|b|^2); the length-d dot product <= 1.01 d u |a||b| (any summation order),
 // doubled; the final two additions <= 4u(|a|^2+|b|^2). Sum <= (1.01 d + 10) u (|a|^2+|b|^2);
 // we use (2 d + 32) u (|a|^2 + max|b|^2), about twice that, as the margin. The relative
 // bound fails where products and sums underflow: each of the ~4 d + 8 operations then errs
-// by up to the smallest normal (subnormal spacing, or a whole flushed value where a screen
-// flushes denormals, as vdpbf16ps does), hence the absolute term (4 d + 16) * min normal.
+// by up to the subnormal spacing (denorm_min) with gradual underflow, or by a whole flushed
+// value (< the smallest normal) where the screen flushes (FTZ/DAZ set, or vdpbf16ps, which
+// always does): hence the absolute term (4 d + 16) * (denorm_min, or min normal if `flushes`).
 template <typename T>
-double screen_error_bound(int64_t d, double norm_a, double max_norm) {
+double screen_error_bound(int64_t d, double norm_a, double max_norm, bool flushes) {
   const double u = std::numeric_limits<T>::epsilon() / 2;
-  const double tiny = (double)std::numeric_limits<T>::min();
+  const double tiny = flushes ? (double)std::numeric_limits<T>::min() : (double)std::numeric_limits<T>::denorm_min();
   return (2.0 * (double)d + 32.0) * u * (norm_a + max_norm) + (4.0 * (double)d + 16.0) * tiny;
 }
 
@@ -259,11 +282,13 @@ struct Prepared {
   std::vector<T> xo_copy, xc;    // xc: centred values, (n, d) row-major
   std::vector<double> norms64;   // squared norms of the centred rows
   double max_norm = 0.0;
+  bool flushes = true;           // subnormals may be flushed (FTZ/DAZ): see screen_error_bound
 };
 
 template <typename TIn, typename T>
 Prepared<T> prepare(const TIn* x, int64_t n, int64_t d, int64_t s0, int64_t s1) {
   Prepared<T> P{n, d, nullptr, {}, std::vector<T>(n * d), std::vector<double>(n)};
+  P.flushes = team_flushes_denormals();  // before centring: the centring rounds too
   if constexpr (std::is_same_v<TIn, T>) {
     if (s1 == 1 && s0 == d) P.xo = x;  // contiguous input of the working type: no copy
   }
@@ -405,7 +430,7 @@ bool certify_native(const Prepared<T>& P, int64_t i, const Keep<T, K>& t, Keep<d
   *best = exact_pair<T, K>(P, i, t.j, &valid);
   if (valid == P.n - 1) return true;  // every other row was a candidate
   if (valid < K) return false;
-  const double eps = screen_error_bound<T>(P.d, P.norms64[i], P.max_norm);
+  const double eps = screen_error_bound<T>(P.d, P.norms64[i], P.max_norm, P.flushes);
   return (double)t.d[K - 1] - eps > best->d[1];
 }
 
@@ -484,7 +509,7 @@ void knn2_bf16(const Prepared<float>& P, double* r1, double* r2, int64_t* i1, in
       // Candidates in screened order; stop once the next one's lower bound exceeds the second
       // exact distance so far (it and every later one are then provably farther).
       const Keep<float, 8>& t = rows[i];
-      const double eps = screen_error_bound<float>(d, (double)norms[i], max_bnorm);
+      const double eps = screen_error_bound<float>(d, (double)norms[i], max_bnorm, /*flushes=*/true);  // vdpbf16ps flushes
       const float* xi = P.xo + i * d;
       Keep<double, 2>& b = best[i];
       b.clear();

@@ -80,8 +80,10 @@ def screen_error_bound(norms: torch.Tensor, d: int, dtype: torch.dtype) -> torch
     (doubled), the final additions <= 4u(|a|^2+|b|^2); a direct sum of squared differences
     stays below the same total. We use about twice it: (2d + 32) u (|a|^2 + max |b|^2).
     Where products and sums underflow, each of the ~4d + 8 operations errs by up to the
-    smallest normal (subnormal spacing, or a whole flushed value on a GPU that flushes
-    denormals): hence the absolute term (4d + 16) * min normal (csrc/cpu/knn2.cpp alike)."""
+    subnormal spacing, or by a whole flushed value (< the smallest normal) where denormals
+    are flushed, as GPU kernels may do: this bound, used to certify GPU screens, takes the
+    absolute term (4d + 16) * min normal. The CPU kernel (csrc/cpu/knn2.cpp) uses
+    (4d + 16) * denorm_min unless its threads flush (FTZ/DAZ)."""
     fi = torch.finfo(dtype)
     return (2.0 * d + 32.0) * (fi.eps / 2) * (norms + norms.max()) + (4.0 * d + 16.0) * fi.tiny
 

@@ -381,3 +381,16 @@ def test_exact_options_checked_when_merging_an_empty_state():
     assert acc._options() == {"debiased": False}  # what sync's agreement compares across ranks
     with pytest.raises(ValueError, match="debiased=False"):
         ExactCKA(debiased=True).load_state_dict(ExactCKA().state_dict())  # an empty state too
+
+
+def test_exact_extreme_magnitudes_raise_clearly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 20, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(20, 30, generator=g, dtype=torch.float64))
+    for s in (1e100, 1e-160):  # was: NaN (and for 1e-160 a false ConstantLayerWarning)
+        acc = ExactCKA()
+        acc.update([x * s, y * s])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match="extreme magnitude.*power of two"):
+                acc.compute()

@@ -224,3 +224,11 @@ def test_twonn_ties_split_by_float32_rounding_are_ties():
     x = torch.randn(400, 10, generator=torch.Generator().manual_seed(0))
     assert twonn(x) == pytest.approx(twonn(x.double()), rel=1e-9)
     assert twonn(x.bfloat16()) == pytest.approx(twonn(x.bfloat16().double()), rel=1e-9)
+
+
+def test_streamed_covariance_overflow_raises_clearly():
+    x = torch.randn(64, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    acc = DimensionAccumulator()
+    acc.update([x * 1e160])  # was: torch's _LinAlgError from eigh
+    with pytest.raises(ValueError, match="covariance sums overflowed float64.*power of two"):
+        acc.compute()

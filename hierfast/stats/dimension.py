@@ -168,6 +168,17 @@ def effective_rank(x) -> float:
     return _warn_if_constant(_erank(_spectrum(as_features(x, "x", min_n=2))), "x", "the effective rank", 2)
 
 
+def _streamed_spectrum(name: str, sums) -> torch.Tensor:
+    """Eigenvalues of the streamed covariance; ValueError when its float64 sums overflowed
+    (features beyond ~1e150: the reservoir's spectrum rescales, streamed sums cannot)."""
+    cov = _covariance(sums)
+    if not bool(torch.isfinite(cov).all()):  # once per layer in compute, not per batch
+        raise ValueError(f"{name}: the streamed covariance sums overflowed float64 (features of magnitude beyond "
+                         "~1e150); the participation ratio and effective rank are scale-invariant: multiply the "
+                         "features by a power of two first")
+    return torch.linalg.eigvalsh(cov).clamp_min(0.0)
+
+
 def _covariance(sums) -> torch.Tensor:
     """Unbiased (d, d) covariance from shifted sums (n, Σ(x - s), Σ(x - s)(x - s)^T, s)."""
     n, sx, sxx = sums[:3]
@@ -252,7 +263,7 @@ class DimensionAccumulator:
         layers = self.names or [f"feats[{i}]" for i in range(len(self.samples))]
         for name, s, sums in zip(layers, self.samples, self.sums):
             m, sd = self._twonn(name, s)
-            lam = torch.linalg.eigvalsh(_covariance(sums)).clamp_min(0.0) if sums is not None else _spectrum(s)
+            lam = _streamed_spectrum(name, sums) if sums is not None else _spectrum(s)
             pr, er = _pr(lam), _erank(lam)
             _warn_if_constant(pr, name, "the participation ratio and effective rank", 2)
             out["twonn"].append(m)

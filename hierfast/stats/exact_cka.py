@@ -95,6 +95,19 @@ def _own(M, lay: _Layout):
     return {"n": M[o, o], "s": M[f, o], "S": M[f, f], "trS": M[q, o], "U": M[q, f], "P": M[q, q]}
 
 
+def _check_extreme(self_hsic, owns, what, names) -> None:
+    """ValueError for a layer whose float64 self-HSIC overflowed, or underflowed to 0 while its
+    sums are not 0 (features beyond ~1e+-125): its CKA would be NaN, or a false constant layer."""
+    trs = torch.stack([o["trS"] for o in owns])
+    bad = ~torch.isfinite(self_hsic) | ((self_hsic == 0) & (trs > 0) & (trs < 2.0 ** -500))
+    idx = bad.nonzero().flatten().tolist()  # one sync per compute, not per batch
+    if idx:
+        label = names[idx[0]] if names else f"{what}[{idx[0]}]"
+        raise ValueError(f"ExactCKA: {label} has features of extreme magnitude: its float64 HSIC sums under- or "
+                         "overflow. CKA is scale-invariant: multiply the features by a power of two first "
+                         "(cka_matrix and linear_cka rescale such layers themselves)")
+
+
 def _centered_cross(Sxy, sx, sy, n):
     return Sxy - torch.outer(sx, sy) / n
 
@@ -128,6 +141,10 @@ class ExactCKA(Accumulator):
         debiased: unbiased HSIC (needs n >= 4 samples in total).
         max_memory: bytes the float64 statistics may take (default 2 GiB); wider
             layers raise a ValueError suggesting MinibatchCKA or pooling.
+
+    Features of extreme magnitude (float64 HSIC sums that overflow, ~1e100 and beyond, or
+    underflow, ~1e-125 and below) make ``compute`` raise ValueError naming the layer; the
+    one-shot :func:`cka_matrix` rescales such layers instead.
 
     Example:
         >>> import torch
@@ -306,6 +323,9 @@ class ExactCKA(Accumulator):
                 hsic[i, j] = _pair_hsic(_moments(M, la, i, lb, j), own_a[i], own_b[j], n, self.debiased)
         self_a = torch.stack([_pair_hsic(_self_cross(o), o, o, n, self.debiased) for o in own_a])
         self_b = torch.stack([_pair_hsic(_self_cross(o), o, o, n, self.debiased) for o in own_b])
+        _check_extreme(self_a, own_a, "feats_a", self.names_a)
+        if self.cross:
+            _check_extreme(self_b, own_b, "feats_b", self.names_b)
         names_a = self.names_a or [f"feats_a[{i}]" for i in range(len(own_a))]
         names_b = (self.names_b or [f"feats_b[{i}]" for i in range(len(own_b))]) if self.cross else names_a
         return label_matrix(cka_from_hsic(hsic, self_a, self_b, names_a, names_b), self.names_a, self.names_b)

@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <vector>
 
@@ -208,10 +209,13 @@ HIERFAST_SIMD_CLONES void stats_plane(const typename IO<D>::S* __restrict__ y, i
 class ThreadPartials {
  public:
   ThreadPartials(int64_t width, bool par)
-      : width_((width + 7) / 8 * 8),  // whole cache lines: no false sharing between slots
+      : width_((width + kLine - 1) / kLine * kLine),  // a slot stride of whole 64-byte lines
         slots_(par ? omp_get_max_threads() : 1),
-        data_((size_t)slots_ * width_, 0.0) {}
-  double* mine() { return data_.data() + (size_t)omp_get_thread_num() * width_; }
+        buf_((size_t)slots_ * width_ + kLine, 0.0),
+        data_(line_aligned(buf_.data())) {}
+  ThreadPartials(const ThreadPartials&) = delete;  // data_ points into buf_
+  ThreadPartials& operator=(const ThreadPartials&) = delete;
+  double* mine() { return data_ + (size_t)omp_get_thread_num() * width_; }
   double sum(int64_t i) const {  // slot order, whatever order the threads finished in
     double s = 0.0;
     for (int t = 0; t < slots_; ++t) s += data_[(size_t)t * width_ + i];
@@ -219,9 +223,18 @@ class ThreadPartials {
   }
 
  private:
+  static constexpr int64_t kLine = 64 / sizeof(double);  // doubles per cache line
+  // std::vector only guarantees 16-byte alignment: the slots start at the first line
+  // boundary in buf_ (kLine spare doubles), so with the line-multiple stride no two threads'
+  // slots share a cache line (false sharing made small NHWC stats passes 2.5x slower).
+  static double* line_aligned(double* p) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    return reinterpret_cast<double*>((a + 63) & ~(uintptr_t)63);
+  }
   int64_t width_;
   int slots_;
-  std::vector<double> data_;
+  std::vector<double> buf_;
+  double* data_;
 };
 
 // NHWC statistics partials ([0, C) sums, [C, 2C) squares, [2C, 3C) positive counts) into the

@@ -588,6 +588,47 @@ def test_onednn_weight_reuse_follows_every_change():
     assert len(K._PACKED_WEIGHTS) == 0  # dropped with the block
 
 
+def test_frozen_weights_in_threads_keep_each_others_copies():
+    """frozen_weights() blocks are counted process-wide: a worker thread's own block (the
+    outermost in its context) leaves the copies of a block still open in the main thread,
+    and the copies go when the last block, in whichever thread, exits. Worker threads do
+    not inherit the main thread's block."""
+    import threading
+
+    from hierfast.functional import frozen_weights
+    from hierfast.nn import Conv2dAct
+
+    torch.manual_seed(0)
+    m = Conv2dAct(32, 32, 3, padding=1, activation="relu").to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 32, 12, 12).to(memory_format=torch.channels_last)
+    seen, entered, release = {}, threading.Event(), threading.Event()
+
+    def worker():
+        seen["inherited"] = K._FROZEN.get()
+        with frozen_weights():
+            _check_relu_layer(m, x)
+            entered.set()
+            release.wait(30)
+
+    with frozen_weights():
+        _check_relu_layer(m, x)
+        t = threading.Thread(target=worker)
+        t.start()
+        entered.wait(30)
+        release.set()
+        t.join()
+        assert seen["inherited"] is False
+        assert m.weight in K._PACKED_WEIGHTS  # the worker's exit left the main block's copy
+        t = threading.Thread(target=worker)
+        release.clear(), entered.clear()
+        t.start()
+        entered.wait(30)
+    assert m.weight in K._PACKED_WEIGHTS  # the worker's block is still open
+    release.set()
+    t.join()
+    assert len(K._PACKED_WEIGHTS) == 0  # the last block exited
+
+
 @pytest.mark.parametrize("act", ["relu", "gelu", "identity"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
 def test_forward_mode_ad_as_torch(act, grad):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import threading
 
 import torch
 import torch.utils.weak
@@ -151,6 +152,10 @@ _PACKED_WEIGHTS = torch.utils.weak.WeakIdKeyDictionary()
 # inside frozen_weights(): the caller promises that weights change only in ways their version
 # counter records
 _FROZEN = contextvars.ContextVar("hierfast_frozen_weights", default=False)
+# frozen_weights() blocks open in any thread: _PACKED_WEIGHTS is process-wide, so it is cleared
+# only when the last one exits (a worker thread's own block is "outermost" in its context)
+_ACTIVE_BLOCKS = 0
+_ACTIVE_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -166,16 +171,24 @@ def frozen_weights():
     of the OLD weight: in place through ``.data`` (``p.data.mul_(m)``, ``nn.init`` on
     ``p.data``, a momentum encoder's update) or through numpy. Validating the copy instead
     (one pass over the weight per call) measured as slow as the reorder it saves. Copies
-    are dropped when the outermost block exits; wrap the whole inference loop, not each call.
+    are dropped when the last block open in the process exits; wrap the whole inference loop,
+    not each call.
+
+    The block applies to the thread (context) that entered it: threads started inside it do
+    not inherit it (each enters its own block to reuse copies).
     """
-    outermost = not _FROZEN.get()
+    global _ACTIVE_BLOCKS
+    with _ACTIVE_LOCK:
+        _ACTIVE_BLOCKS += 1
     token = _FROZEN.set(True)
     try:
         yield
     finally:
         _FROZEN.reset(token)
-        if outermost:
-            _PACKED_WEIGHTS.clear()
+        with _ACTIVE_LOCK:
+            _ACTIVE_BLOCKS -= 1
+            if _ACTIVE_BLOCKS == 0:
+                _PACKED_WEIGHTS.clear()
 
 
 def _packed_weight(x, w, p):

@@ -321,10 +321,17 @@ def needs_torch_ops(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
 
 
 # --------------------------------------------------------------------------- autocast
-@functools.lru_cache(maxsize=None)
+# device type -> has autocast; a plain dict, not functools.lru_cache, which Dynamo warns about
+# on every compile of a layer (it traces through the cache wrapper)
+_AUTOCAST_AVAILABLE: dict = {}
+
+
 def _autocast_available(device_type: str) -> bool:
     # torch.is_autocast_enabled raises for device types without autocast ("meta")
-    return torch.amp.is_autocast_available(device_type)
+    ok = _AUTOCAST_AVAILABLE.get(device_type)
+    if ok is None:
+        ok = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return ok
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -465,6 +465,26 @@ def test_compile_fullgraph_forward_backward():
         torch.testing.assert_close(g.double(), r.grad, atol=1e-3 * max(1, r.grad.abs().max().item()), rtol=0)
 
 
+def test_compile_of_conv2dact_warns_nothing():
+    """Compiling a Conv2dAct emits no UserWarning: an lru_cache-wrapped autocast check made
+    Dynamo warn on every compile."""
+    import warnings
+
+    from hierfast.nn import Conv2dAct
+
+    torch.manual_seed(0)
+    m = Conv2dAct(3, 4, 3, padding=1, activation="relu")
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = torch.compile(m, backend="eager", fullgraph=True)(x)
+    assert [str(w.message) for w in rec if issubclass(w.category, UserWarning)] == []
+    with torch.no_grad():
+        ref = F.relu(F.conv2d(x.double(), m.weight.double(), m.bias.double(), padding=1))
+    torch.testing.assert_close(y.detach().double(), ref, atol=1e-5, rtol=0)
+
+
 def test_compile_dynamic_shapes_do_not_recompile():
     """Under torch.compile(dynamic=True) new input sizes reuse the graph: conv2d_act's argument
     checks must not specialise the shapes (a dict keyed on them did: one graph per size)."""

@@ -186,3 +186,31 @@ def test_nonfinite_inputs_reach_exactly_the_taps_that_read_them(shape, act, valu
             fin = torch.isfinite(r)
             scale = max(1.0, r[fin].abs().max().item()) if fin.any() else 1.0
             torch.testing.assert_close(o.double()[fin], r[fin], atol=2e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"s{i}" for i in range(len(DW_SHAPES))])
+def test_nonfinite_weights_reach_only_the_real_taps_of_grad_x(shape, value):
+    # the gather added w * 0 over the zero halo and stride gaps: a NaN tap made 110 grad_x
+    # entries NaN where torch has 20 (3x3, stride 2), an inf tap 80 where torch has none.
+    # Identity only: with an activation, grad_z follows which pre-activations are NaN, and
+    # there torch disagrees with itself (a NaN tap over the padding: NaN in its float64
+    # forward, not in its float32 one, which the fused layer matches; relu6's derivative at
+    # NaN is 1 on 4 elements, 0 on 64).
+    name, akw = "identity", {}
+    x, w, b, kw = _data(shape, torch.float32)
+    taps = w[0].numel()
+    for first in (0, 1):  # channel c's non-finite tap: (first + c) % taps, every tap in turn
+        wp = w.clone()
+        for ch in range(w.shape[0]):
+            wp.view(w.shape[0], taps)[ch, (first + ch) % taps] = value
+        gy = torch.randn(F.conv2d(x, wp, b, **kw).shape,
+                         generator=torch.Generator().manual_seed(5)).to(memory_format=torch.channels_last)
+        ours = _grads(x, wp, b, kw, name, akw, gy)
+        ref = _grads(x, wp, b, kw, name, akw, gy, dtype=torch.float64)
+        for o, r, what in zip(ours, ref, ("grad_x", "grad_w", "grad_b")):
+            assert torch.equal(torch.isnan(o), torch.isnan(r)), what
+            assert torch.equal(torch.isinf(o), torch.isinf(r)), what
+            fin = torch.isfinite(r)
+            scale = max(1.0, r[fin].abs().max().item()) if fin.any() else 1.0
+            torch.testing.assert_close(o.double()[fin], r[fin], atol=2e-5 * scale, rtol=0)

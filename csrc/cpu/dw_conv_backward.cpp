@@ -162,6 +162,35 @@ void add_nonfinite_x(const S* x, const float* g, float* gw, const int64_t* off, 
   }
 }
 
+// grad_x of one (image, channel block) again, for a block holding a NaN or inf weight: the
+// gather adds w * 0 at halo and stride-gap taps (g is zero where no output sits), NaN for such
+// a w, where torch's grad_x takes only taps whose output exists. Here a non-finite w counts
+// only through those; finite ones are used as in gather (same order: same bits).
+template <int TAPS, typename S>
+void regather_x_nonfinite_w(const float* g, const float* wv, S* gx, const int64_t* off, const Geometry& q,
+                            int64_t n, int64_t c0, int64_t GW, int64_t base_r, int64_t base_c) {
+  float w[TAPS][kLanes];
+  for (int64_t ih = 0; ih < q.H; ++ih) {
+    const unsigned rows = taps_read(ih, q.ph, q.dh, q.sh, q.OH, q.KH);
+    for (int64_t iw = 0; iw < q.W; ++iw) {
+      const unsigned cols = taps_read(iw, q.pw, q.dw, q.sw, q.OW, q.KW);
+      for (int t = 0; t < TAPS; ++t) {
+        const bool real = (rows >> (t / q.KW) & 1u) && (cols >> (t % q.KW) & 1u);
+        for (int l = 0; l < kLanes; ++l) {
+          const float v = wv[t * kLanes + l];
+          w[t][l] = real || v - v == 0.f ? v : 0.f;
+        }
+      }
+      const float* gp = g + ((ih + base_r) * GW + base_c + iw) * kLanes;
+      float sx[kLanes] = {};
+      for (int t = 0; t < TAPS; ++t)
+        for (int l = 0; l < kLanes; ++l) sx[l] += w[t][l] * gp[off[t] + l];
+      S* o = gx + ((n * q.H + ih) * q.W + iw) * q.C + c0;
+      for (int l = 0; l < kLanes; ++l) o[l] = stf(sx[l], S{});
+    }
+  }
+}
+
 template <int A, int TAPS, typename S>
 void run(const S* gy, const S* saved, const S* x, const S* w, S* gx, double* gw_out,
          double* gb_out, const Geometry& q, float alpha, bool want_x) {
@@ -182,6 +211,8 @@ void run(const S* gy, const S* saved, const S* x, const S* w, S* gx, double* gw_
   for (int64_t c = 0; c < C; ++c)
     for (int t = 0; t < TAPS; ++t) wv[((c / kLanes) * TAPS + t) * kLanes + c % kLanes] = ldf(w[c * TAPS + t]);
   std::vector<float> parts(tasks * (TAPS + 1) * kLanes, 0.f);
+  std::vector<char> w_finite(blocks);  // per channel block: no NaN/inf weight
+  for (int64_t b = 0; b < blocks; ++b) w_finite[b] = all_finite(wv.data() + b * TAPS * kLanes, TAPS * kLanes);
 #pragma omp parallel
   {
     std::vector<float> g(GH * GW * kLanes);
@@ -200,6 +231,7 @@ void run(const S* gy, const S* saved, const S* x, const S* w, S* gx, double* gw_
         add_nonfinite_x<TAPS, S>(x, g.data(), part, off.data(), q, n, c0, GW, br, bc);
       }
       if (!all_finite(part + TAPS * kLanes, kLanes)) add_padding_taps<TAPS>(g.data(), part, q, r0, col0, GW);
+      if (want_x && !w_finite[b]) regather_x_nonfinite_w<TAPS, S>(g.data(), wb, gx, off.data(), q, n, c0, GW, br, bc);
     }
   }
 #pragma omp parallel for schedule(static)

@@ -168,6 +168,19 @@ def _nonfinite_probes(shape, value):
     return out
 
 
+def _assert_grads_match_float64(x, w, b, kw, name, akw, gy):
+    """The fused gradients have float64 autograd's NaN and inf pattern exactly, and its finite
+    values within float32 rounding (relative to the largest finite one)."""
+    ours = _grads(x, w, b, kw, name, akw, gy)
+    ref = _grads(x, w, b, kw, name, akw, gy, dtype=torch.float64)
+    for o, r, what in zip(ours, ref, ("grad_x", "grad_w", "grad_b")):
+        assert torch.equal(torch.isnan(o), torch.isnan(r)), what
+        assert torch.equal(torch.isinf(o), torch.isinf(r)), what
+        fin = torch.isfinite(r)
+        scale = max(1.0, r[fin].abs().max().item()) if fin.any() else 1.0
+        torch.testing.assert_close(o.double()[fin], r[fin], atol=2e-5 * scale, rtol=0)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("act", [("relu6", {}), ("gelu", {}), ("identity", {})], ids=lambda a: a[0])
 @pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"s{i}" for i in range(len(DW_SHAPES))])
@@ -178,14 +191,7 @@ def test_nonfinite_inputs_reach_exactly_the_taps_that_read_them(shape, act, valu
     for x, w, b, kw in _nonfinite_probes(shape, value):
         gy = torch.randn(F.conv2d(x, w, b, **kw).shape,
                          generator=torch.Generator().manual_seed(4)).to(memory_format=torch.channels_last)
-        ours = _grads(x, w, b, kw, name, akw, gy)
-        ref = _grads(x, w, b, kw, name, akw, gy, dtype=torch.float64)
-        for o, r, what in zip(ours, ref, ("grad_x", "grad_w", "grad_b")):
-            assert torch.equal(torch.isnan(o), torch.isnan(r)), what
-            assert torch.equal(torch.isinf(o), torch.isinf(r)), what
-            fin = torch.isfinite(r)
-            scale = max(1.0, r[fin].abs().max().item()) if fin.any() else 1.0
-            torch.testing.assert_close(o.double()[fin], r[fin], atol=2e-5 * scale, rtol=0)
+        _assert_grads_match_float64(x, w, b, kw, name, akw, gy)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
@@ -206,11 +212,4 @@ def test_nonfinite_weights_reach_only_the_real_taps_of_grad_x(shape, value):
             wp.view(w.shape[0], taps)[ch, (first + ch) % taps] = value
         gy = torch.randn(F.conv2d(x, wp, b, **kw).shape,
                          generator=torch.Generator().manual_seed(5)).to(memory_format=torch.channels_last)
-        ours = _grads(x, wp, b, kw, name, akw, gy)
-        ref = _grads(x, wp, b, kw, name, akw, gy, dtype=torch.float64)
-        for o, r, what in zip(ours, ref, ("grad_x", "grad_w", "grad_b")):
-            assert torch.equal(torch.isnan(o), torch.isnan(r)), what
-            assert torch.equal(torch.isinf(o), torch.isinf(r)), what
-            fin = torch.isfinite(r)
-            scale = max(1.0, r[fin].abs().max().item()) if fin.any() else 1.0
-            torch.testing.assert_close(o.double()[fin], r[fin], atol=2e-5 * scale, rtol=0)
+        _assert_grads_match_float64(x, wp, b, kw, name, akw, gy)

@@ -25,6 +25,12 @@ def _copy_parameters(m: nn.Conv2d, conv: nn.Conv2d) -> None:
         m.bias.requires_grad_(conv.bias.requires_grad)
 
 
+def parameters_shareable(conv: nn.Conv2d) -> bool:
+    """Whether ``conv``'s weight and bias are ``nn.Parameter`` objects (or a None bias), which
+    a new layer can hold as they are (:meth:`Conv2dAct.from_conv` with ``share_parameters``)."""
+    return all(t is None or isinstance(t, nn.Parameter) for t in (conv.weight, conv.bias))
+
+
 class Conv2dAct(nn.Conv2d):
     """``activation(nn.Conv2d(...)(x))`` fused (hierfast.functional.conv2d_act).
 
@@ -57,7 +63,7 @@ class Conv2dAct(nn.Conv2d):
         layout and ``requires_grad`` kept), or with ``share_parameters`` its very ``Parameter``
         objects (tied weights stay tied; an optimizer built on ``conv`` trains the new layer)."""
         w = conv.weight
-        shared = share_parameters and all(t is None or isinstance(t, nn.Parameter) for t in (w, conv.bias))
+        shared = share_parameters and parameters_shareable(conv)
         if share_parameters and not shared:
             raise TypeError("share_parameters=True needs conv.weight and conv.bias to be nn.Parameter (or a "
                             "None bias); pass share_parameters=False to copy them")

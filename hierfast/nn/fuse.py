@@ -21,7 +21,7 @@ import torch.nn.utils.parametrize
 from torch import fx, nn
 
 from ..ops import activations as A
-from .conv_act import Conv2dAct
+from .conv_act import Conv2dAct, parameters_shareable
 
 # activation modules -> (name, kwargs)
 _ACT_MODULES = {
@@ -109,8 +109,7 @@ def _fused(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act_name: str, act_kwargs
     optimizers keep working); BN folded in float64 into new ones: w' = w * s,
     b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps), trainable as ``conv.weight`` was."""
     if bn is None:
-        shareable = all(t is None or isinstance(t, nn.Parameter) for t in (conv.weight, conv.bias))
-        return Conv2dAct.from_conv(conv, act_name, share_parameters=shareable, **act_kwargs)
+        return Conv2dAct.from_conv(conv, act_name, share_parameters=parameters_shareable(conv), **act_kwargs)
     m = Conv2dAct.from_conv(conv, act_name, **act_kwargs)
     with torch.no_grad():
         w = conv.weight.to(torch.float64)

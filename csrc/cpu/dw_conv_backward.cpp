@@ -76,6 +76,9 @@ void add_padding_taps(const float* __restrict__ g, float* __restrict__ gw, const
     }
 }
 
+// v is neither NaN nor inf (inf - inf and NaN - NaN are NaN): one subtraction and compare.
+inline bool finite_value(float v) { return v - v == 0.f; }
+
 // The gather pass for one (image, channel block): grad_x (when want_x) and the weight sums.
 // off[t] = element offset of tap t in g relative to the pixel's own position. g is zero
 // where no output sits, so a tap there adds x * 0: exact for finite x, but NaN for a NaN or
@@ -102,7 +105,7 @@ HIERFAST_SIMD_CLONES void gather(const S* __restrict__ x, const float* __restric
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
         const float v = ldf(x[i + l]);
-        xi[l] = FINITE_ONLY && !(v - v == 0.f) ? 0.f : v;  // inf - inf and NaN - NaN are NaN
+        xi[l] = FINITE_ONLY && !finite_value(v) ? 0.f : v;
       }
 #pragma GCC unroll 25
       for (int t = 0; t < TAPS; ++t) {
@@ -126,7 +129,7 @@ HIERFAST_SIMD_CLONES void gather(const S* __restrict__ x, const float* __restric
 
 inline bool all_finite(const float* v, int64_t len) {
   for (int64_t i = 0; i < len; ++i)
-    if (!(v[i] - v[i] == 0.f)) return false;
+    if (!finite_value(v[i])) return false;
   return true;
 }
 
@@ -154,7 +157,7 @@ void add_nonfinite_x(const S* x, const float* g, float* gw, const int64_t* off, 
       const float* gp = g + ((ih + base_r) * GW + base_c + iw) * kLanes;
       for (int l = 0; l < kLanes; ++l) {
         const float v = ldf(x[i + l]);
-        if (v - v == 0.f) continue;
+        if (finite_value(v)) continue;
         for (int t = 0; t < TAPS; ++t)
           if ((rows >> (t / q.KW) & 1u) && (cols >> (t % q.KW) & 1u)) gw[t * kLanes + l] += v * gp[off[t] + l];
       }
@@ -178,7 +181,7 @@ void regather_x_nonfinite_w(const float* g, const float* wv, S* gx, const int64_
         const bool real = (rows >> (t / q.KW) & 1u) && (cols >> (t % q.KW) & 1u);
         for (int l = 0; l < kLanes; ++l) {
           const float v = wv[t * kLanes + l];
-          w[t][l] = real || v - v == 0.f ? v : 0.f;
+          w[t][l] = real || finite_value(v) ? v : 0.f;
         }
       }
       const float* gp = g + ((ih + base_r) * GW + base_c + iw) * kLanes;

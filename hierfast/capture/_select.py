@@ -73,8 +73,8 @@ def select_layers(model: nn.Module, layers=None, *, arg: str = "layers") -> list
                                      f"{_closest(s, names)}")
             elif s in names:
                 hit = [s]
-            elif alias_of(model, s) is not None:
-                hit = [alias_of(model, s)]
+            elif (alias := alias_of(model, s)) is not None:
+                hit = [alias]
             else:
                 raise ValueError(f"{arg}: {type(model).__name__} has no submodule named {s!r}; closest names: "
                                  f"{_closest(s, names)} (see model.named_modules())")

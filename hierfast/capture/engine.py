@@ -318,10 +318,11 @@ def analyze(model: nn.Module, data: Iterable, *, layers=None, stats=("cka",), co
             if dist is not None:
                 synced = True  # from here on the states become global sums, not this shard's
                 run.sync(dist, group)
-                _check_used(run, mins)  # global counts: every rank raises alike, before the statistics' syncs
+            # after run.sync the counts are global: every rank raises alike, before the statistics' syncs
+            _check_used(run, mins)
+            if dist is not None:
                 for s in objs.values():
                     s.sync(group)
-            _check_used(run, mins)
             values = {name: s.compute() for name, s in objs.items()}
     except BaseException as e:
         # keep everything done so far (a model raising mid-run, Ctrl-C): rerunning resumes
